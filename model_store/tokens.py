@@ -1,0 +1,208 @@
+"""The one place that spells semantic-ID tokens, special tokens and prompt templates.
+
+Training builds its examples from these templates and serving builds its prompts from them, so the
+two can never drift apart. Nothing else in the project writes `<a_12>` or `<|answer|>` by hand.
+
+Prompt layout (see DESIGN.md, "Prompt layout and caching"): a fixed preamble, then the history oldest
+first, then a short mode-specific suffix. A user's successive prompts therefore share their prefix,
+which the engine's prefix cache reuses.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+PROMPT_FORMAT_VERSION = "gream-prompt-v1"
+
+LEVEL_NAMES = "abcdefghij"  # level 0 is `a`, the de-duplication level takes the letter after the last
+
+# Special tokens. The answer marker ends every prompt that expects an item ID next, so that the
+# constrained decoder always starts right after it, in every mode and every task.
+ANSWER = "<|answer|>"
+THINK_START = "<think>"
+THINK_END = "</think>"
+HISTORY_START = "<|history|>"
+HISTORY_END = "<|/history|>"
+SPECIAL_TOKENS: tuple[str, ...] = (ANSWER, THINK_START, THINK_END, HISTORY_START, HISTORY_END)
+
+# Tokens of a tokenizer we build from scratch (training/backbone.py); HF tokenizers bring their own.
+PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
+
+_TOKEN_RE = re.compile(r"<([a-j])_(\d+)>")
+
+PREAMBLE = "Recommend the next item for a user who interacted with these items, oldest first:"
+
+
+@dataclass(frozen=True)
+class IdFormat:
+    """Shape of a semantic ID: `levels` quantised codes of `codebook_size` values each, then one
+    de-duplication code of `dedup_size` values. Every item's ID has exactly `depth` tokens."""
+
+    levels: int = 3
+    codebook_size: int = 256
+    dedup_size: int = 256
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.levels <= len(LEVEL_NAMES) - 1:
+            raise ValueError(f"levels must be in 1..{len(LEVEL_NAMES) - 1}, got {self.levels}")
+        if self.codebook_size < 2 or self.dedup_size < 1:
+            raise ValueError("codebook_size must be >= 2 and dedup_size >= 1")
+
+    @property
+    def depth(self) -> int:
+        return self.levels + 1
+
+    def level_size(self, level: int) -> int:
+        return self.dedup_size if level == self.levels else self.codebook_size
+
+    def level_offset(self, level: int) -> int:
+        """Index of (level, 0) in the flat list of all ID tokens (`all_tokens`)."""
+        return level * self.codebook_size
+
+    @property
+    def vocab_size(self) -> int:
+        return self.levels * self.codebook_size + self.dedup_size
+
+    def token(self, level: int, code: int) -> str:
+        if not 0 <= code < self.level_size(level):
+            raise ValueError(f"code {code} out of range for level {level}")
+        return f"<{LEVEL_NAMES[level]}_{code}>"
+
+    def all_tokens(self) -> list[str]:
+        """Every ID token, level by level; position i is flat code i (see `flat_code`)."""
+        return [self.token(lv, c) for lv in range(self.depth) for c in range(self.level_size(lv))]
+
+    def flat_code(self, level: int, code: int) -> int:
+        return self.level_offset(level) + code
+
+    def spell(self, codes: Sequence[int]) -> str:
+        if len(codes) != self.depth:
+            raise ValueError(f"an ID has {self.depth} codes, got {len(codes)}")
+        return "".join(self.token(lv, int(c)) for lv, c in enumerate(codes))
+
+    def parse(self, text: str) -> tuple[int, ...]:
+        """Codes of one spelled ID; raises ValueError for anything that is not exactly one ID."""
+        found = _TOKEN_RE.findall(text)
+        if "".join(f"<{n}_{c}>" for n, c in found) != text.strip() or len(found) != self.depth:
+            raise ValueError(f"not a {self.depth}-token semantic ID: {text!r}")
+        codes = []
+        for level, (name, code) in enumerate(found):
+            if name != LEVEL_NAMES[level]:
+                raise ValueError(f"token {level} of {text!r} should be level {LEVEL_NAMES[level]!r}")
+            codes.append(int(code))
+        return tuple(codes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "token_format": "<{level}_{code}>", "level_names": LEVEL_NAMES[: self.depth]}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> IdFormat:
+        return cls(levels=int(data["levels"]), codebook_size=int(data["codebook_size"]),
+                   dedup_size=int(data["dedup_size"]))
+
+
+# --------------------------------------------------------------------------------------------------
+# Prompt templates
+# --------------------------------------------------------------------------------------------------
+
+
+def truncate_history(history: Sequence[str], max_items: int, drop_chunk: int = 10) -> list[str]:
+    """Keep at most `max_items` of the newest items, dropping the oldest in whole chunks.
+
+    Dropping one item per new event would change the prompt's first tokens on every request and defeat
+    the engine's prefix cache; dropping `drop_chunk` at a time keeps the prefix stable for the next
+    `drop_chunk` events.
+    """
+    if max_items <= 0:
+        return []
+    excess = len(history) - max_items
+    if excess <= 0:
+        return list(history)
+    chunk = max(1, min(drop_chunk, max_items))
+    drop = min(len(history), math.ceil(excess / chunk) * chunk)
+    return list(history[drop:])
+
+
+def history_block(spelled_ids: Sequence[str]) -> str:
+    return f"{HISTORY_START}{''.join(spelled_ids)}{HISTORY_END}"
+
+
+def direct_prompt(spelled_history: Sequence[str]) -> str:
+    """History -> next item ID (the direct inference mode and the sequential alignment task)."""
+    return f"{PREAMBLE}{history_block(spelled_history)}{ANSWER}"
+
+
+def reasoning_prompt(spelled_history: Sequence[str]) -> str:
+    """History -> free-text reasoning, closed by THINK_END, then ANSWER and the item ID."""
+    return f"{PREAMBLE}{history_block(spelled_history)}{THINK_START}"
+
+
+def reasoning_answer_suffix() -> str:
+    """What follows the reasoning text before the constrained ID decoding starts."""
+    return f"{THINK_END}{ANSWER}"
+
+
+def item_text(title: str, brand: str = "", categories: str = "", description: str = "",
+              max_description_chars: int = 200) -> str:
+    parts = [f"Title: {title}"]
+    if brand:
+        parts.append(f"Brand: {brand}")
+    if categories:
+        parts.append(f"Categories: {categories}")
+    if description:
+        parts.append(f"Description: {description[:max_description_chars]}")
+    return "; ".join(parts)
+
+
+def text_to_id_prompt(text: str) -> str:
+    """Alignment task: item text -> its ID."""
+    return f"Which item is described here? {text}{ANSWER}"
+
+
+def id_to_title_prompt(spelled_id: str) -> str:
+    """Alignment task: item ID -> its title (the answer is free text followed by EOS)."""
+    return f"What is the title of item {spelled_id}? Title:"
+
+
+def titles_history_prompt(titles: Sequence[str]) -> str:
+    """Fused alignment task: history given as titles -> next item ID."""
+    return f"{PREAMBLE}{HISTORY_START}{' | '.join(titles)}{HISTORY_END}{ANSWER}"
+
+
+PROMPT_SETTINGS: dict[str, Any] = {
+    "version": PROMPT_FORMAT_VERSION,
+    "preamble": PREAMBLE,
+    "special_tokens": list(SPECIAL_TOKENS),
+}
+
+
+def extend_tokenizer(tokenizer: Any, id_format: IdFormat) -> int:
+    """Add the special tokens and every ID token to a Hugging Face tokenizer; returns how many were new.
+
+    ID tokens are plain added tokens (kept by `decode`), the markers are special tokens. Resize the
+    model's embeddings to `len(tokenizer)` afterwards.
+    """
+    from tokenizers import AddedToken
+
+    markers = [AddedToken(t, normalized=False, special=True) for t in SPECIAL_TOKENS]
+    # replace_extra_special_tokens=False keeps a pretrained tokenizer's own extra special tokens.
+    added = tokenizer.add_special_tokens({"additional_special_tokens": markers},
+                                         replace_extra_special_tokens=False)
+    added += tokenizer.add_tokens([AddedToken(t, normalized=False, special=False)
+                                   for t in id_format.all_tokens()])
+    return added
+
+
+def id_token_ids(tokenizer: Any, id_format: IdFormat) -> list[int]:
+    """Token id of every flat code (position i is flat code i); fails if the tokenizer lacks one."""
+    ids = tokenizer.convert_tokens_to_ids(id_format.all_tokens())
+    unk = getattr(tokenizer, "unk_token_id", None)
+    missing = [t for t, i in zip(id_format.all_tokens(), ids) if i is None or (unk is not None and i == unk)]
+    if missing:
+        raise ValueError(f"tokenizer lacks {len(missing)} ID tokens (e.g. {missing[:3]}); "
+                         "run extend_tokenizer first")
+    return list(ids)

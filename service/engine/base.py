@@ -1,0 +1,86 @@
+"""The engine interface: everything the gateway knows about the model runtime.
+
+An engine owns a bundle's tokenizer, model and trie. It turns a prompt into the top-k catalog items by
+trie-constrained beam search, scored as DESIGN.md says: the sum of the model's raw log-probabilities
+(softmax over the whole vocabulary) of the item's ID tokens. Engines differ only in how they run the
+model (in-process transformers, in-process vLLM, a remote worker over HTTP).
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class EngineRequest:
+    request_id: str
+    prompt: str  # built by the recommender from model_store.tokens templates
+    k: int
+    exclude: frozenset[int] = frozenset()  # item indices the decoding must not produce
+    allow: frozenset[int] | None = None  # when set, the only item indices it may produce
+    num_beams: int | None = None  # default: max(k, engine's default beam width)
+
+
+@dataclass(frozen=True)
+class ScoredItem:
+    index: int  # item index in the bundle
+    score: float  # summed raw log-probability of the ID tokens
+
+
+@dataclass(frozen=True)
+class ReasoningDelta:
+    text: str
+
+
+@dataclass(frozen=True)
+class ReasoningDone:
+    items: list[ScoredItem]
+    reasoning_tokens: int
+
+
+@dataclass
+class EngineStats:
+    queue_depth: int = 0
+    running: int = 0
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+class EngineOverloaded(RuntimeError):
+    """The engine's bounded queue is full; the caller should retry after `retry_after` seconds."""
+
+    def __init__(self, message: str = "engine queue is full", retry_after: float = 1.0):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class EngineUnavailable(RuntimeError):
+    """The engine cannot serve now (not started, crashed, remote worker unreachable)."""
+
+
+class Engine(abc.ABC):
+    name: str = "engine"
+
+    @abc.abstractmethod
+    async def start(self) -> None:
+        """Load the model and warm it up; `ready` is True afterwards."""
+
+    @abc.abstractmethod
+    async def close(self) -> None: ...
+
+    @property
+    @abc.abstractmethod
+    def ready(self) -> bool: ...
+
+    @abc.abstractmethod
+    async def recommend(self, request: EngineRequest) -> list[ScoredItem]:
+        """Top-k items, best first, all distinct, none excluded. Raises EngineOverloaded."""
+
+    @abc.abstractmethod
+    def reason(self, request: EngineRequest, max_reasoning_tokens: int
+               ) -> AsyncIterator[ReasoningDelta | ReasoningDone]:
+        """Stream reasoning text, then the constrained items. Closing the iterator aborts the work."""
+
+    def stats(self) -> EngineStats:
+        return EngineStats()
