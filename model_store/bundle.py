@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from model_store.catalog import Item, read_catalog, write_catalog
-from model_store.semantic_ids import id_stats
+from model_store.semantic_ids import id_stats, prefix_coherence
 from model_store.tokens import PROMPT_SETTINGS, IdFormat
 from model_store.trie import ItemTrie
 
@@ -221,6 +221,12 @@ def inspect_bundle(bundle: Bundle) -> dict[str, Any]:
         **id_stats(bundle.codes, bundle.id_format),
         "trie_leaves": int((bundle.trie.node_item >= 0).sum()),
         "trie_nodes": bundle.trie.num_nodes,
+        # ID quality: lift of sharing a brand / top category among items that share the first code.
+        "first_code_lift": {
+            "brand": prefix_coherence([it.brand for it in bundle.items], bundle.codes[:, 0]),
+            "top_category": prefix_coherence([it.categories.split(" > ")[0] for it in bundle.items],
+                                             bundle.codes[:, 0]),
+        },
         "has_model": bundle.has_model,
         "embedding": bundle.manifest.get("settings", {}).get("embedding"),
         "prompt_format": bundle.manifest["prompt_format"]["version"],

@@ -124,8 +124,11 @@ def _balanced_assign(x: np.ndarray, centers: np.ndarray) -> np.ndarray:
 
 
 def _nearest(x: np.ndarray, centers: np.ndarray) -> np.ndarray:
-    d = _sq_dist(x, np.nan_to_num(centers, nan=np.inf))
-    d[:, np.isnan(centers).any(1)] = np.inf
+    # Unused codebook rows are NaN: measure distances to the used rows only (inf arithmetic on the
+    # NaN rows would raise "invalid value" warnings) and never pick an unused row.
+    used = ~np.isnan(centers).any(1)
+    d = np.full((len(x), len(centers)), np.inf, dtype=np.float64)
+    d[:, used] = _sq_dist(x, centers[used])
     return d.argmin(1)
 
 
@@ -216,3 +219,32 @@ def assign_new_items(vectors: np.ndarray, codebooks: np.ndarray, existing: np.nd
                      dedup_size: int) -> np.ndarray:
     base = assign_codes(vectors, codebooks)
     return add_dedup_level(base, dedup_size, existing=existing).astype(np.int32)
+
+
+def prefix_coherence(labels: Sequence[str], first_codes: np.ndarray) -> float | None:
+    """How many times more often two items with the same first-level code share a label (brand,
+    top category) than two random items; None when too few items carry the label."""
+    from collections import Counter
+
+    keep = [i for i, lab in enumerate(labels) if lab]
+    if len(keep) < 3:
+        return None
+    labs = [labels[i] for i in keep]
+    codes = first_codes[keep]
+
+    def same_label_pairs(idx: Sequence[int]) -> tuple[int, int]:
+        counts = Counter(labs[i] for i in idx)
+        n = len(idx)
+        return sum(c * (c - 1) for c in counts.values()), n * (n - 1)
+
+    base_same, base_all = same_label_pairs(range(len(labs)))
+    if base_same == 0:
+        return None
+    within_same = within_all = 0
+    for code in np.unique(codes):
+        s, a = same_label_pairs(np.flatnonzero(codes == code).tolist())
+        within_same += s
+        within_all += a
+    if within_all == 0:
+        return None
+    return (within_same / within_all) / (base_same / base_all)

@@ -30,7 +30,9 @@ def train_catalog_tokenizer(texts: Iterable[str], id_format: IdFormat, vocab_siz
     )
     template_text = [tokens.PREAMBLE, tokens.text_to_id_prompt(""), tokens.id_to_title_prompt(""),
                      tokens.item_text("t", "b", "c", "d")]
-    bpe.train_from_iterator(list(texts) + template_text, trainer=trainer)
+    # Repeat the template text so BPE learns its words whole: the preamble then costs a dozen tokens
+    # in every prompt instead of one per character.
+    bpe.train_from_iterator(list(texts) + template_text * 50, trainer=trainer)
     hf = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=tokens.BOS, eos_token=tokens.EOS,
                                  pad_token=tokens.PAD, unk_token=tokens.UNK)
     tokens.extend_tokenizer(hf, id_format)

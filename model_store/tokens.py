@@ -32,7 +32,7 @@ SPECIAL_TOKENS: tuple[str, ...] = (ANSWER, THINK_START, THINK_END, HISTORY_START
 # Tokens of a tokenizer we build from scratch (training/backbone.py); HF tokenizers bring their own.
 PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
 
-_TOKEN_RE = re.compile(r"<([a-j])_(\d+)>")
+_TOKEN_RE = re.compile(r"<([a-j])_([0-9]+)>")
 
 PREAMBLE = "Recommend the next item for a user who interacted with these items, oldest first:"
 
@@ -93,6 +93,11 @@ class IdFormat:
         for level, (name, code) in enumerate(found):
             if name != LEVEL_NAMES[level]:
                 raise ValueError(f"token {level} of {text!r} should be level {LEVEL_NAMES[level]!r}")
+            # Only the canonical spelling of an in-range code is an ID token: `<a_01>` or a code
+            # beyond the level's size would name no token of the vocabulary.
+            if int(code) >= self.level_size(level) or code != str(int(code)):
+                raise ValueError(f"token {level} of {text!r} is not a valid level-{name} token "
+                                 f"(codes 0..{self.level_size(level) - 1})")
             codes.append(int(code))
         return tuple(codes)
 

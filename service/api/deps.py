@@ -1,0 +1,103 @@
+"""FastAPI dependencies: the app's shared objects, the request id, bearer auth, and the HTTP error type
+every route raises (rendered as `{code, message, request_id, errors}` by the app's handlers)."""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Sequence
+from typing import Annotated, Any
+
+from fastapi import Depends, Request
+
+from model_store.bundle import Bundle
+from service.config import Settings
+from service.engine.base import Engine
+from service.history import HistoryStore
+from service.metrics import Metrics
+from service.recommender import Recommender
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, code: str, message: str, errors: list[dict[str, Any]] | None = None,
+                 headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.errors = errors
+        self.headers = headers or {}
+
+
+def field_errors(problems: Sequence[tuple[str, str]]) -> ApiError:
+    """One 422 naming every offending field."""
+    return ApiError(422, "invalid_request", "; ".join(f"{f}: {m}" for f, m in problems),
+                    errors=[{"field": f, "message": m} for f, m in problems])
+
+
+def request_id(request: Request) -> str:
+    return str(getattr(request.state, "request_id", "") or "")
+
+
+def _state(request: Request, name: str) -> Any:
+    value = getattr(request.app.state, name, None)
+    if value is None:
+        raise ApiError(503, "not_ready", "the service is still starting (bundle or engine not loaded)",
+                       headers={"Retry-After": "2"})
+    return value
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings  # type: ignore[no-any-return]
+
+
+def get_bundle(request: Request) -> Bundle:
+    return _state(request, "bundle")  # type: ignore[no-any-return]
+
+
+def get_engine(request: Request) -> Engine:
+    return _state(request, "engine")  # type: ignore[no-any-return]
+
+
+def get_store(request: Request) -> HistoryStore:
+    return _state(request, "history")  # type: ignore[no-any-return]
+
+
+def get_recommender(request: Request) -> Recommender:
+    return _state(request, "recommender")  # type: ignore[no-any-return]
+
+
+def get_metrics(request: Request) -> Metrics:
+    return request.app.state.metrics  # type: ignore[no-any-return]
+
+
+def _bearer(request: Request) -> str | None:
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+
+
+def require_api_key(request: Request) -> None:
+    """Bearer auth when keys are configured; every key is compared in constant time."""
+    keys: list[str] = get_settings(request).api_keys
+    if not keys:
+        return
+    token = _bearer(request)
+    if token is None:
+        raise ApiError(401, "unauthorized", "missing bearer token: send 'Authorization: Bearer <key>'",
+                       headers={"WWW-Authenticate": "Bearer"})
+    supplied = token.encode()
+    # No short-circuit: the time taken does not reveal which key (if any) almost matched.
+    matched = False
+    for key in keys:
+        matched |= hmac.compare_digest(supplied, key.encode())
+    if not matched:
+        raise ApiError(401, "unauthorized", "invalid API key", headers={"WWW-Authenticate": "Bearer"})
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+BundleDep = Annotated[Bundle, Depends(get_bundle)]
+EngineDep = Annotated[Engine, Depends(get_engine)]
+StoreDep = Annotated[HistoryStore, Depends(get_store)]
+RecommenderDep = Annotated[Recommender, Depends(get_recommender)]
+MetricsDep = Annotated[Metrics, Depends(get_metrics)]
+RequestIdDep = Annotated[str, Depends(request_id)]

@@ -1,0 +1,154 @@
+"""The public protocol: request and response bodies of the /v1 API (JSON; item ids are the catalog's
+own string ids). Limits that depend on settings (k, history length, reasoning tokens) are checked by
+`limit_errors`, so the 422 names the field and the configured bound."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+from service.config import Settings
+
+ItemId = Annotated[str, StringConstraints(min_length=1, max_length=256)]
+# Visible ASCII only: user ids become Redis key suffixes and log fields.
+UserId = Annotated[str, StringConstraints(pattern=r"^[!-~]{1,128}$")]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a misspelt field is a 422, not silently ignored
+
+
+# ------------------------------------------------------------------ recommendations
+class RecommendationRequest(_Strict):
+    user_id: UserId | None = Field(None, description="whose cached history to use when `history` is absent")
+    history: list[ItemId] | None = Field(None, description="item ids, oldest first; overrides the cache")
+    k: int = Field(10, ge=1, description="number of items (1..max_k)")
+    exclude_seen: bool = Field(True, description="never return items of the history")
+    exclude_items: list[ItemId] = Field(default_factory=list)
+    allow_items: list[ItemId] | None = Field(None, description="when set, only these items may be returned")
+
+    def limit_errors(self, settings: Settings) -> list[tuple[str, str]]:
+        errors = []
+        if self.k > settings.max_k:
+            errors.append(("k", f"must be <= {settings.max_k}, got {self.k}"))
+        if self.history is not None and len(self.history) > settings.max_history:
+            errors.append(("history", f"at most {settings.max_history} items, got {len(self.history)}"))
+        for name in ("exclude_items", "allow_items"):
+            ids = getattr(self, name)
+            if ids is not None and len(ids) > settings.max_filter_items:
+                errors.append((name, f"at most {settings.max_filter_items} items, got {len(ids)}"))
+        return errors
+
+
+class StreamRecommendationRequest(RecommendationRequest):
+    max_reasoning_tokens: int | None = Field(None, ge=1, description="reasoning budget (<= the server's max)")
+
+    def limit_errors(self, settings: Settings) -> list[tuple[str, str]]:
+        errors = super().limit_errors(settings)
+        if self.max_reasoning_tokens is not None and self.max_reasoning_tokens > settings.max_reasoning_tokens:
+            errors.append(("max_reasoning_tokens",
+                           f"must be <= {settings.max_reasoning_tokens}, got {self.max_reasoning_tokens}"))
+        return errors
+
+
+class ItemOut(BaseModel):
+    item_id: str
+    title: str
+    semantic_id: str = Field(description="the item's ID tokens, e.g. <a_3><b_17><c_5><d_0>")
+    score: float | None = Field(description="summed raw log-probability of the ID tokens; null for fallbacks")
+    fallback: Literal["popular"] | None = None
+
+
+class RecommendationResponse(BaseModel):
+    request_id: str
+    model_version: str
+    user_id: str | None
+    items: list[ItemOut]
+    history_used: int = Field(description="history items the prompt was built from")
+    history_source: Literal["request", "cache", "none"]
+    fallback: Literal["popular"] | None = None
+
+
+# ------------------------------------------------------------------ users
+class EventIn(_Strict):
+    item_id: ItemId
+    timestamp: datetime | float | None = Field(None, description="ISO 8601 or Unix seconds; orders the batch")
+
+
+class EventsRequest(_Strict):
+    events: list[EventIn] = Field(min_length=1)
+
+    def limit_errors(self, settings: Settings) -> list[tuple[str, str]]:
+        if len(self.events) > settings.max_history:
+            return [("events", f"at most {settings.max_history} events per request, got {len(self.events)}")]
+        return []
+
+    def ordered_item_ids(self) -> list[str]:
+        """Item ids oldest first: by timestamp when every event has one, else as sent."""
+        if all(e.timestamp is not None for e in self.events):
+            def key(e: EventIn) -> float:
+                ts = e.timestamp
+                return ts.timestamp() if isinstance(ts, datetime) else float(ts)  # type: ignore[arg-type]
+            return [e.item_id for e in sorted(self.events, key=key)]
+        return [e.item_id for e in self.events]
+
+
+class EventsAccepted(BaseModel):
+    user_id: str
+    accepted: int
+    history_length: int
+
+
+class HistoryResponse(BaseModel):
+    user_id: str
+    items: list[str]
+    history_length: int
+
+
+# ------------------------------------------------------------------ items
+class ItemResponse(BaseModel):
+    item_id: str
+    title: str
+    brand: str
+    categories: str
+    description: str
+    semantic_id: str
+    codes: list[int]
+    model_version: str
+
+
+# ------------------------------------------------------------------ health
+class Health(BaseModel):
+    status: Literal["ok"] = "ok"
+
+
+class Readiness(BaseModel):
+    status: Literal["ready", "degraded", "starting", "unavailable"]
+    model_version: str | None
+    bundle_loaded: bool
+    engine: str | None
+    engine_ready: bool
+    history_store: str | None
+    history_store_state: Literal["up", "down", "memory"] | None
+
+
+# ------------------------------------------------------------------ errors and stream events
+class FieldError(BaseModel):
+    field: str
+    message: str
+    item_ids: list[str] | None = None
+
+
+class ErrorBody(BaseModel):
+    code: str
+    message: str
+    request_id: str | None = None
+    errors: list[FieldError] | None = None
+
+
+class StreamDoneEvent(BaseModel):
+    request_id: str
+    reasoning_tokens: int
+    latency_ms: float

@@ -1,0 +1,294 @@
+"""The gateway application: `create_app(settings)` wires settings, bundle, engine, history store,
+metrics and routers; `serve(overrides)` runs it with uvicorn.
+
+The lifespan loads the bundle, builds the engine through the factory, warms it and connects the
+history store; /readyz reports "starting" until then. One pure-ASGI middleware gives every request
+an id (X-Request-Id accepted or generated, echoed, passed to the engine and to every log line),
+enforces the body-size limit before anything parses the body, and records the access log and the
+per-route metrics. It is not a BaseHTTPMiddleware, which would get in the way of streaming and of
+noticing client disconnects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import json
+import logging
+import re
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.datastructures import MutableHeaders
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.api.deps import ApiError, require_api_key
+from service.api.routes import health, items, recommendations, users
+from service.config import Settings, load_settings
+from service.engine.base import Engine, EngineOverloaded, EngineUnavailable
+from service.history import HistoryStore, HistoryUnavailable, create_history_store
+from service.metrics import Metrics
+from service.recommender import Recommender, UnknownItems
+
+log = logging.getLogger("gream")
+access_log = logging.getLogger("gream.access")
+
+REQUEST_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("gream_request_id", default=None)
+_REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_BODY_METHODS = {"POST", "PUT", "PATCH"}
+
+
+# ------------------------------------------------------------------ logging
+_STD_ATTRS = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line, with the current request id and any `extra=` fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(), "logger": record.name, "msg": record.getMessage(),
+        }
+        rid = REQUEST_ID.get()
+        if rid:
+            entry["request_id"] = rid
+        for key, value in record.__dict__.items():
+            if key not in _STD_ATTRS and not key.startswith("_"):
+                entry[key] = value
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+def configure_logging(settings: Settings) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if settings.log_json:
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(settings.log_level.upper())
+
+
+# ------------------------------------------------------------------ middleware
+def _json_error(status: int, code: str, message: str, rid: str | None,
+                errors: list[dict[str, Any]] | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
+    body: dict[str, Any] = {"code": code, "message": message, "request_id": rid}
+    if errors:
+        body["errors"] = errors
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+class GatewayMiddleware:
+    def __init__(self, app: ASGIApp, settings: Settings, metrics: Metrics):
+        self.app = app
+        self.settings = settings
+        self.metrics = metrics
+
+    def _body_limit(self, path: str) -> int:
+        # Engine-worker calls carry prompts and index lists, larger than public bodies.
+        return self.settings.max_body_bytes * (8 if path.startswith("/internal/") else 1)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or [])
+        supplied = headers.get(b"x-request-id", b"").decode("latin-1").strip()
+        rid = supplied if _REQUEST_ID_RE.match(supplied) else uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = rid
+        token = REQUEST_ID.set(rid)
+        started = time.perf_counter()
+        status = [500]
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+                MutableHeaders(scope=message)["X-Request-Id"] = rid
+            await send(message)
+
+        try:
+            if scope["method"] in _BODY_METHODS:
+                receive = await self._bounded_body(scope, receive, send_with_id, headers, rid)
+                if receive is None:
+                    return
+            await self.app(scope, receive, send_with_id)
+        finally:
+            elapsed = time.perf_counter() - started
+            route = getattr(scope.get("route"), "path", None) or "unmatched"
+            self.metrics.observe_request(route, scope["method"], status[0], elapsed)
+            access_log.info("request", extra={"method": scope["method"], "path": scope["path"], "route": route,
+                                              "status": status[0], "latency_ms": round(elapsed * 1000, 3)})
+            REQUEST_ID.reset(token)
+
+    async def _bounded_body(self, scope: Scope, receive: Receive, send: Send, headers: dict[bytes, bytes],
+                            rid: str) -> Receive | None:
+        """Read the whole body (it is small by construction) and replay it; None when it was refused."""
+        limit = self._body_limit(scope["path"])
+        too_large = _json_error(413, "payload_too_large", f"request body exceeds {limit} bytes", rid,
+                                errors=[{"field": "body", "message": f"at most {limit} bytes"}])
+        declared = headers.get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            await too_large(scope, receive, send)
+            return None
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                await too_large(scope, receive, send)
+                return None
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # later calls wait for the disconnect, as streaming needs
+
+        return replay
+
+
+# ------------------------------------------------------------------ error handlers
+def _rid(request: Request) -> str | None:
+    return getattr(request.state, "request_id", None)
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return _json_error(exc.status, exc.code, exc.message, _rid(request), exc.errors, exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = []
+        for err in exc.errors():
+            loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+            errors.append({"field": ".".join(loc) or "body", "message": err.get("msg", "invalid")})
+        message = "; ".join(f"{e['field']}: {e['message']}" for e in errors)
+        return _json_error(422, "invalid_request", message, _rid(request), errors)
+
+    @app.exception_handler(UnknownItems)
+    async def unknown_items(request: Request, exc: UnknownItems) -> JSONResponse:
+        errors = [{"field": f, "message": f"{len(ids)} unknown item id(s)", "item_ids": ids}
+                  for f, ids in exc.unknown.items()]
+        return _json_error(422, "unknown_items", str(exc), _rid(request), errors)
+
+    @app.exception_handler(HistoryUnavailable)
+    async def store_down(request: Request, exc: HistoryUnavailable) -> JSONResponse:
+        return _json_error(503, "history_unavailable",
+                           f"{exc}. Requests that send 'history' in the body still work.",
+                           _rid(request), headers={"Retry-After": "5"})
+
+    @app.exception_handler(EngineOverloaded)
+    async def overloaded(request: Request, exc: EngineOverloaded) -> JSONResponse:
+        request.app.state.metrics.engine_rejected.labels("overloaded").inc()
+        retry = str(max(1, int(-(-exc.retry_after // 1))))
+        return _json_error(429, "overloaded", f"{exc}; retry after {retry} s", _rid(request),
+                           headers={"Retry-After": retry})
+
+    @app.exception_handler(EngineUnavailable)
+    async def engine_down(request: Request, exc: EngineUnavailable) -> JSONResponse:
+        request.app.state.metrics.engine_rejected.labels("unavailable").inc()
+        return _json_error(503, "engine_unavailable", str(exc), _rid(request), headers={"Retry-After": "5"})
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, f"http_{exc.status_code}")
+        return _json_error(exc.status_code, code, str(exc.detail), _rid(request),
+                           headers=dict(exc.headers or {}))
+
+    @app.exception_handler(Exception)
+    async def crashed(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error", exc_info=exc)
+        return _json_error(500, "internal_error", "internal error; see the server log for this request id",
+                           _rid(request))
+
+
+# ------------------------------------------------------------------ application
+def create_app(settings: Settings | None = None, engine: Engine | None = None,
+               history_store: HistoryStore | None = None) -> FastAPI:
+    """The gateway. An `engine` or `history_store` passed in is used as is and left open on shutdown
+    (the caller owns it); otherwise the lifespan builds them from the settings and closes them."""
+    settings = settings or load_settings()
+    metrics = Metrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        from model_store.bundle import load_bundle
+        from service.engine.factory import create_engine
+
+        bundle = getattr(engine, "bundle", None) if engine is not None else None
+        if bundle is None:
+            bundle = await asyncio.to_thread(load_bundle, settings.bundle)
+        app.state.bundle = bundle
+        store = history_store or create_history_store(settings, on_error=lambda op: metrics.redis_errors.labels(op).inc())
+        await store.connect()
+        app.state.history = store
+        eng = engine or create_engine(settings, bundle)
+        if getattr(eng, "on_batch", False) is None:
+            eng.on_batch = metrics.engine_batch_size.observe  # type: ignore[attr-defined]
+        metrics.bind_engine_stats(eng.stats)
+        try:
+            if not eng.ready:
+                await eng.start()
+            app.state.engine = eng
+            app.state.recommender = Recommender(bundle, eng, store, history_cap=settings.history_cap,
+                                                drop_chunk=settings.history_drop_chunk, metrics=metrics)
+            metrics.info.labels(bundle.version, eng.name).set(1)
+            app.state.starting = False
+            log.info("gateway ready", extra={"model_version": bundle.version, "engine": eng.name,
+                                             "history_store": store.kind, "auth": settings.auth_enabled})
+            yield
+        finally:
+            app.state.engine = None
+            app.state.recommender = None
+            if engine is None:
+                await eng.close()
+            if history_store is None:
+                await store.close()
+
+    app = FastAPI(title="GREAM Serve", version="0.1.0", lifespan=lifespan,
+                  description="Generative recommendation with semantic item IDs: trie-constrained top-k, "
+                              "streamed reasoning, cached user histories.")
+    app.state.settings = settings
+    app.state.metrics = metrics
+    app.state.bundle = app.state.engine = app.state.history = app.state.recommender = None
+    app.state.starting = True
+    _install_error_handlers(app)
+    for module in (recommendations, users, items, health):
+        app.include_router(module.router)
+    if settings.engine_worker:
+        from service.engine.remote import worker_router
+
+        app.include_router(worker_router(dependencies=[require_api_key]))
+    app.add_middleware(GatewayMiddleware, settings=settings, metrics=metrics)
+    return app
+
+
+def serve(overrides: dict[str, Any] | None = None) -> None:
+    """Run the gateway with uvicorn; `overrides` are Settings field names (None = not given)."""
+    import uvicorn
+
+    settings = load_settings(overrides)
+    configure_logging(settings)
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_config=None,
+                access_log=False, timeout_graceful_shutdown=10)

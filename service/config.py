@@ -1,0 +1,147 @@
+"""Serving settings: one pydantic-settings model, read from `GREAM_*` environment variables (and an
+optional `.env`), with embedded defaults so `gream serve` runs with no configuration at all.
+
+List settings (`GREAM_API_KEYS`, `GREAM_ENGINE_URLS`) accept either JSON (`["a","b"]`) or a plain
+comma-separated string, because that is what people type into compose files and Kubernetes manifests.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+EngineKind = Literal["transformers", "vllm"]
+DType = Literal["float32", "bfloat16", "float16"]
+
+
+def _split_list(value: Any) -> Any:
+    """Accept a JSON list, a comma-separated string, or a real list (CLI overrides)."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            import json
+
+            return json.loads(text)
+        return [part.strip() for part in text.split(",") if part.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="GREAM_", env_file=".env", env_file_encoding="utf-8",
+                                      extra="ignore", validate_default=True)
+
+    # ------------------------------------------------------------------ what to serve, where
+    bundle: Path = Field(Path("var/demo-bundle"), description="bundle folder (gream demo writes var/demo-bundle)")
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    engine: EngineKind = "transformers"
+    engine_urls: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="remote engine workers; when set, the gateway runs no model itself")
+    engine_worker: bool = Field(False, description="also expose /internal/engine/* so gateways can use this "
+                                                   "process as a remote engine worker")
+    engine_api_key: str | None = Field(None, repr=False, description="bearer key sent to remote workers")
+    engine_timeout_s: float = Field(30.0, gt=0, description="per-call timeout to remote workers")
+
+    # ------------------------------------------------------------------ history store
+    redis_url: str | None = Field(None, description="redis://host:port/db; unset = in-memory store")
+    redis_namespace: str = Field("gream", pattern=r"^[A-Za-z0-9_.-]{1,32}$")
+    redis_max_connections: int = Field(64, ge=1)
+    history_cap: int = Field(50, ge=1, le=10_000)
+    history_ttl_days: float = Field(30, gt=0)
+    history_drop_chunk: int = Field(10, ge=1)
+    memory_store_max_users: int = Field(100_000, ge=1)
+
+    # ------------------------------------------------------------------ gateway limits and auth
+    api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list, repr=False,
+                                                     description="bearer keys for /v1; empty = auth off")
+    max_k: int = Field(100, ge=1, le=1000)
+    max_history: int = Field(200, ge=1)
+    max_filter_items: int = Field(10_000, ge=1, description="max length of exclude_items / allow_items")
+    max_body_bytes: int = Field(64 * 1024, ge=1024)
+    max_reasoning_tokens: int = Field(512, ge=1)
+    default_reasoning_tokens: int | None = Field(None, ge=1, description="when a stream request gives none; "
+                                                 "unset = min(256, max_reasoning_tokens)")
+
+    # ------------------------------------------------------------------ engine tuning
+    default_beams: int = Field(10, ge=1, le=1000)
+    queue_max: int = Field(256, ge=1)
+    max_batch: int = Field(32, ge=1)
+    batch_wait_ms: float = Field(2.0, ge=0)
+    max_concurrent_reasoning: int = Field(16, ge=1)
+    reasoning_temperature: float = Field(0.0, ge=0, description="0 = greedy")
+    torch_threads: int | None = Field(None, ge=1)
+    dtype: DType = "float32"
+
+    # ------------------------------------------------------------------ presentation
+    demo_page: bool = False
+    log_json: bool = True
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    # ------------------------------------------------------------------ validation
+    @field_validator("engine_urls", "api_keys", mode="before")
+    @classmethod
+    def _lists(cls, value: Any) -> Any:
+        return _split_list(value)
+
+    @field_validator("engine_urls")
+    @classmethod
+    def _check_urls(cls, urls: list[str]) -> list[str]:
+        for url in urls:
+            parts = urlsplit(url)
+            if parts.scheme not in ("http", "https") or not parts.netloc:
+                raise ValueError(f"engine URL {url!r} must look like http://host:port")
+        return [u.rstrip("/") for u in urls]
+
+    @field_validator("redis_url", mode="before")
+    @classmethod
+    def _check_redis(cls, url: Any) -> Any:
+        if url is None or (isinstance(url, str) and url.strip() in ("", "none", "memory")):
+            return None
+        scheme = urlsplit(str(url)).scheme
+        if scheme not in ("redis", "rediss", "unix"):
+            raise ValueError(f"redis_url {url!r} must start with redis://, rediss:// or unix:// "
+                             "(leave it unset for the in-memory store)")
+        return str(url)
+
+    @field_validator("api_keys")
+    @classmethod
+    def _check_keys(cls, keys: list[str]) -> list[str]:
+        short = [k for k in keys if len(k) < 8]
+        if short:
+            raise ValueError(f"{len(short)} API key(s) are shorter than 8 characters")
+        return keys
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        if self.default_reasoning_tokens and self.default_reasoning_tokens > self.max_reasoning_tokens:
+            raise ValueError(f"default_reasoning_tokens ({self.default_reasoning_tokens}) exceeds "
+                             f"max_reasoning_tokens ({self.max_reasoning_tokens})")
+        if self.history_drop_chunk > self.history_cap:
+            raise ValueError(f"history_drop_chunk ({self.history_drop_chunk}) exceeds history_cap "
+                             f"({self.history_cap})")
+        return self
+
+    # ------------------------------------------------------------------ derived
+    @property
+    def history_ttl_seconds(self) -> int:
+        return max(1, int(self.history_ttl_days * 86400))
+
+    @property
+    def reasoning_budget_default(self) -> int:
+        return self.default_reasoning_tokens or min(256, self.max_reasoning_tokens)
+
+    @property
+    def auth_enabled(self) -> bool:
+        return bool(self.api_keys)
+
+
+def load_settings(overrides: dict[str, Any] | None = None) -> Settings:
+    """Environment and defaults, then explicit overrides (CLI flags; None values mean 'not given')."""
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    return Settings(**given)

@@ -1,0 +1,39 @@
+"""Settings -> Engine. The vLLM engine is imported only when asked for, so the gateway runs on
+machines without vLLM."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+from model_store.bundle import Bundle
+from service.config import Settings
+from service.engine.base import Engine
+
+# Settings every local engine may take as keyword arguments (each engine takes what it knows).
+ENGINE_SETTINGS = ("default_beams", "queue_max", "max_batch", "batch_wait_ms", "torch_threads", "dtype",
+                   "max_concurrent_reasoning", "reasoning_temperature")
+
+
+def engine_kwargs(settings: Settings, engine_cls: type) -> dict[str, Any]:
+    """The engine settings `engine_cls.__init__` accepts (all of them if it takes **kwargs)."""
+    params = inspect.signature(engine_cls.__init__).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    return {name: getattr(settings, name) for name in ENGINE_SETTINGS if takes_any or name in params}
+
+
+def create_engine(settings: Settings, bundle: Bundle) -> Engine:
+    if settings.engine_urls:
+        from service.engine.remote import RemoteEngine
+
+        return RemoteEngine(settings.engine_urls, timeout_s=settings.engine_timeout_s,
+                            api_key=settings.engine_api_key, expected_version=bundle.version)
+    if settings.engine == "vllm":
+        try:
+            from service.engine.vllm_engine import VLLMEngine
+        except ImportError as exc:
+            raise RuntimeError(f"engine 'vllm' needs the vllm extra (pip install -e '.[vllm]'): {exc}") from exc
+        return VLLMEngine(bundle, **engine_kwargs(settings, VLLMEngine))
+    from service.engine.transformers_engine import TransformersEngine
+
+    return TransformersEngine(bundle, **engine_kwargs(settings, TransformersEngine))

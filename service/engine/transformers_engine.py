@@ -1,0 +1,378 @@
+"""In-process PyTorch engine: HFTrieDecoder behind an asyncio micro-batcher.
+
+All model and tokenizer work runs on ONE worker thread, so the event loop never blocks and torch
+never runs two forwards at once on this CPU. Top-k requests wait in a bounded queue (full ->
+EngineOverloaded, which the gateway turns into 429 + Retry-After) and are gathered into batches of up
+to `max_batch`, waiting at most `batch_wait_ms` for company. Reasoning streams submit one decoding
+step at a time to the same thread, so they interleave fairly with batches and stop as soon as their
+consumer goes away (the next step is simply never submitted).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import math
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from model_store.bundle import Bundle
+from model_store.tokens import (
+    SPECIAL_TOKENS,
+    THINK_END,
+    direct_prompt,
+    id_token_ids,
+    reasoning_answer_suffix,
+    reasoning_prompt,
+)
+from model_store.trie import TrieFilter
+from service.engine.base import (
+    Engine,
+    EngineOverloaded,
+    EngineRequest,
+    EngineStats,
+    EngineUnavailable,
+    ReasoningDelta,
+    ReasoningDone,
+    ScoredItem,
+)
+from service.engine.beam import beam_widths
+from service.engine.hf_decoder import HFTrieDecoder
+
+log = logging.getLogger("gream.engine")
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class _TopkJob:
+    prompt: str | None
+    prompt_ids: list[int] | None
+    k: int
+    width: int
+    exclude: frozenset[int]
+    allow: frozenset[int] | None
+    future: asyncio.Future[list[ScoredItem]]
+
+
+@dataclass
+class _Reasoning:
+    """One reasoning generation; touched only by the worker thread, except `cancelled`."""
+
+    request_id: str
+    prompt_ids: list[int]
+    budget: int
+    cache: Any = None
+    logits: torch.Tensor | None = None
+    generated: list[int] = field(default_factory=list)
+    emitted: str = ""
+    finished: bool = False
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+
+@dataclass(frozen=True)
+class ReasoningRecord:
+    """What became of a reasoning request (kept for stats and tests)."""
+
+    request_id: str
+    tokens: int
+    budget: int
+    outcome: str  # "done" | "cancelled" | "error"
+
+
+class TransformersEngine(Engine):
+    name = "transformers"
+
+    def __init__(self, bundle: Bundle, *, default_beams: int = 10, queue_max: int = 256, max_batch: int = 32,
+                 batch_wait_ms: float = 2.0, torch_threads: int | None = None, dtype: str = "float32",
+                 max_concurrent_reasoning: int = 16, reasoning_temperature: float = 0.0, seed: int = 0,
+                 **_ignored: Any):
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        self.bundle = bundle
+        self.default_beams = default_beams
+        self.queue_max = queue_max
+        self.max_batch = max_batch
+        self.batch_wait_s = batch_wait_ms / 1000.0
+        self.torch_threads = torch_threads
+        self.dtype = DTYPES[dtype]
+        self.max_concurrent_reasoning = max_concurrent_reasoning
+        self.temperature = reasoning_temperature
+        self.on_batch: Callable[[int], None] | None = None  # metrics hook: called with each batch size
+        self._seed = seed
+        self._executor: ThreadPoolExecutor | None = None
+        self._queue: asyncio.Queue[_TopkJob] | None = None
+        self._batcher: asyncio.Task[None] | None = None
+        self._ready = False
+        self._running = 0
+        self._reasoning_active = 0
+        self._batch_seconds = 0.05  # running estimate, for Retry-After
+        self.counters = collections.Counter[str]()
+        self.recent_reasoning: collections.deque[ReasoningRecord] = collections.deque(maxlen=256)
+        # Set in start(), on the worker thread.
+        self.tokenizer: Any = None
+        self.model: Any = None
+        self.decoder: HFTrieDecoder | None = None
+        self._banned: torch.Tensor | None = None
+        self._think_end = -1
+        self._suffix_ids: list[int] = []
+        self._max_positions = 0
+        self._generator: torch.Generator | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        if self._ready:
+            return
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gream-engine")
+        await self._in_worker(self._load)
+        self._queue = asyncio.Queue(maxsize=self.queue_max)
+        self._batcher = asyncio.create_task(self._batch_loop(), name="gream-engine-batcher")
+        await self._warm_up()
+        self._ready = True
+        log.info("transformers engine ready", extra={"dtype": str(self.dtype), "items": len(self.bundle.items)})
+
+    async def close(self) -> None:
+        self._ready = False
+        if self._batcher is not None:
+            self._batcher.cancel()
+            try:
+                await self._batcher
+            except asyncio.CancelledError:
+                pass
+            self._batcher = None
+        if self._queue is not None:
+            while not self._queue.empty():
+                job = self._queue.get_nowait()
+                if not job.future.done():
+                    job.future.set_exception(EngineUnavailable("engine is shutting down"))
+        if self._executor is not None:
+            self._executor.shutdown(wait=True, cancel_futures=True)
+            self._executor = None
+
+    @property
+    def ready(self) -> bool:
+        return self._ready
+
+    def stats(self) -> EngineStats:
+        extra = {k: float(v) for k, v in self.counters.items()}
+        extra["reasoning_active"] = float(self._reasoning_active)
+        return EngineStats(queue_depth=self._queue.qsize() if self._queue else 0,
+                           running=self._running + self._reasoning_active, extra=extra)
+
+    def _load(self) -> None:
+        from transformers import AutoTokenizer
+
+        from training.backbone import load_bundle_model
+
+        if self.torch_threads:
+            torch.set_num_threads(self.torch_threads)
+        self._generator = torch.Generator().manual_seed(self._seed)
+        self.tokenizer = AutoTokenizer.from_pretrained(str(self.bundle.tokenizer_path), local_files_only=True)
+        self.model = load_bundle_model(self.bundle.model_path, dtype=self.dtype)
+        code_ids = id_token_ids(self.tokenizer, self.bundle.id_format)
+        self.decoder = HFTrieDecoder(self.model, self.tokenizer, self.bundle.trie, code_ids)
+        self._think_end = int(self.tokenizer.convert_tokens_to_ids(THINK_END))
+        self._suffix_ids = self._encode(reasoning_answer_suffix())
+        self._max_positions = int(getattr(self.model.config, "max_position_embeddings", 4096))
+        # Free reasoning text may not contain ID tokens or markers (only THINK_END may end it).
+        vocab = int(self.model.get_output_embeddings().weight.shape[0])
+        banned = torch.zeros(vocab, dtype=torch.bool)
+        banned[len(self.tokenizer):] = True
+        marker_ids = self.tokenizer.convert_tokens_to_ids(list(SPECIAL_TOKENS))
+        for tid in [*code_ids, *self.tokenizer.all_special_ids, *marker_ids]:
+            if tid is not None and 0 <= tid < vocab:
+                banned[tid] = True
+        banned[self._think_end] = False
+        self._banned = banned
+
+    async def _warm_up(self) -> None:
+        """One batch and a few reasoning steps, so the first real request pays no one-off costs."""
+        spelled = [self.bundle.spelled_id(i) for i in self.bundle.popular(5)]
+        await self._submit(_TopkJob(direct_prompt(spelled), None, 1, self.default_beams, frozenset(), None,
+                                    asyncio.get_running_loop().create_future()))
+        prompt_ids = await self._in_worker(self._reasoning_ids, spelled)
+        session = await self._in_worker(self._prefill, "warm-up", prompt_ids, 2)
+        while not session.finished:
+            await self._in_worker(self._step, session)
+
+    def _reasoning_ids(self, spelled: Sequence[str]) -> list[int]:
+        return self._encode(reasoning_prompt(spelled))
+
+    def _encode(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    async def _in_worker(self, fn: Callable[..., Any], *args: Any) -> Any:
+        if self._executor is None:
+            raise EngineUnavailable("engine is not started")
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    # ------------------------------------------------------------------ top-k
+    async def recommend(self, request: EngineRequest) -> list[ScoredItem]:
+        if not self._ready:
+            raise EngineUnavailable("engine is not ready")
+        return await self._submit(self._job(request, prompt=request.prompt, prompt_ids=None))
+
+    def _job(self, request: EngineRequest, prompt: str | None, prompt_ids: list[int] | None) -> _TopkJob:
+        width = beam_widths([request.k], [request.num_beams], self.default_beams)[0]
+        return _TopkJob(prompt, prompt_ids, request.k, width, request.exclude, request.allow,
+                        asyncio.get_running_loop().create_future())
+
+    def _retry_after(self) -> float:
+        depth = self._queue.qsize() if self._queue else 0
+        return float(min(30, max(1, math.ceil(self._batch_seconds * (1 + depth / self.max_batch)))))
+
+    async def _submit(self, job: _TopkJob) -> list[ScoredItem]:
+        assert self._queue is not None
+        try:
+            self._queue.put_nowait(job)
+        except asyncio.QueueFull:
+            self.counters["rejected_queue_full"] += 1
+            raise EngineOverloaded(f"engine queue is full ({self.queue_max} waiting)",
+                                   retry_after=self._retry_after()) from None
+        # If our caller is cancelled, the future is cancelled too and the batcher skips the job.
+        return await job.future
+
+    async def _batch_loop(self) -> None:
+        assert self._queue is not None
+        queue = self._queue
+        while True:
+            batch = [await queue.get()]
+            self._drain(batch)
+            if len(batch) < self.max_batch and self.batch_wait_s > 0:
+                await asyncio.sleep(self.batch_wait_s)
+                self._drain(batch)
+            batch = [job for job in batch if not job.future.done()]
+            if not batch:
+                continue
+            self._running = len(batch)
+            started = time.perf_counter()
+            try:
+                results = await self._in_worker(self._run_batch, batch)
+            except Exception as exc:  # a failed batch fails its requests, never the loop
+                log.exception("engine batch failed")
+                for job in batch:
+                    if not job.future.done():
+                        job.future.set_exception(EngineUnavailable(f"engine batch failed: {exc}"))
+                continue
+            finally:
+                self._running = 0
+            elapsed = time.perf_counter() - started
+            self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * elapsed
+            self.counters["batches"] += 1
+            self.counters["batched_requests"] += len(batch)
+            if self.on_batch is not None:
+                self.on_batch(len(batch))
+            for job, items in zip(batch, results):
+                if not job.future.done():
+                    job.future.set_result(items)
+
+    def _drain(self, batch: list[_TopkJob]) -> None:
+        assert self._queue is not None
+        while len(batch) < self.max_batch:
+            try:
+                batch.append(self._queue.get_nowait())
+            except asyncio.QueueEmpty:
+                return
+
+    def _run_batch(self, batch: Sequence[_TopkJob]) -> list[list[ScoredItem]]:
+        assert self.decoder is not None
+        ids = [job.prompt_ids if job.prompt_ids is not None else self._encode(job.prompt or "") for job in batch]
+        filters: list[TrieFilter | None] = [
+            self.bundle.trie.make_filter(exclude=job.exclude, allow=job.allow) for job in batch]
+        return self.decoder.topk([], [j.k for j in batch], [j.width for j in batch], filters, prompt_ids=ids)
+
+    # ------------------------------------------------------------------ reasoning
+    async def reason(self, request: EngineRequest, max_reasoning_tokens: int
+                     ) -> AsyncIterator[ReasoningDelta | ReasoningDone]:
+        if not self._ready:
+            raise EngineUnavailable("engine is not ready")
+        if self._reasoning_active >= self.max_concurrent_reasoning:
+            self.counters["rejected_reasoning_full"] += 1
+            raise EngineOverloaded(f"{self._reasoning_active} reasoning streams already running",
+                                   retry_after=self._retry_after())
+        self._reasoning_active += 1
+        session: _Reasoning | None = None
+        outcome = "error"
+        try:
+            prompt_ids = await self._in_worker(self._encode, request.prompt)
+            session = await self._in_worker(self._prefill, request.request_id, prompt_ids, max_reasoning_tokens)
+            while not session.finished:
+                delta = await self._in_worker(self._step, session)
+                if delta:
+                    yield ReasoningDelta(delta)
+            tail = await self._in_worker(self._flush_text, session)
+            if tail:
+                yield ReasoningDelta(tail)
+            answer_ids = session.prompt_ids + session.generated + self._suffix_ids
+            session.cache = None  # free the reasoning KV cache before the top-k prefill
+            items = await self._submit(self._job(request, prompt=None, prompt_ids=answer_ids))
+            outcome = "done"
+            yield ReasoningDone(items=items, reasoning_tokens=len(session.generated))
+        except (GeneratorExit, asyncio.CancelledError):
+            # The consumer went away (client disconnect): make sure no further step runs.
+            outcome = "cancelled"
+            if session is not None:
+                session.cancelled.set()
+            self.counters["reasoning_cancelled"] += 1
+            raise
+        finally:
+            self._reasoning_active -= 1
+            if session is not None:
+                session.cache = None
+                self.counters["reasoning_tokens"] += len(session.generated)
+                self.recent_reasoning.append(ReasoningRecord(session.request_id, len(session.generated),
+                                                             session.budget, outcome))
+
+    def _prefill(self, request_id: str, prompt_ids: list[int], max_tokens: int) -> _Reasoning:
+        # Leave room in the position table for the answer suffix and the ID tokens.
+        room = self._max_positions - len(prompt_ids) - len(self._suffix_ids) - self.bundle.trie.depth
+        session = _Reasoning(request_id, prompt_ids, budget=max(0, min(max_tokens, room)))
+        with torch.inference_mode():
+            out = self.model(input_ids=torch.tensor([prompt_ids]), use_cache=True, logits_to_keep=1)
+        session.cache, session.logits = out.past_key_values, out.logits[0, -1]
+        session.finished = session.budget == 0
+        return session
+
+    def _step(self, session: _Reasoning) -> str:
+        """Pick one token; run the model on it unless it ends the reasoning. Returns new text."""
+        if session.cancelled.is_set() or session.finished:
+            session.finished = True
+            return ""
+        assert session.logits is not None and self._banned is not None
+        logits = session.logits.float().masked_fill(self._banned, float("-inf"))
+        if self.temperature > 0:
+            probs = torch.softmax(logits / self.temperature, dim=-1)
+            token = int(torch.multinomial(probs, 1, generator=self._generator))
+        else:
+            token = int(torch.argmax(logits))
+        if token == self._think_end:
+            session.finished = True
+            return ""
+        session.generated.append(token)
+        if len(session.generated) >= session.budget:
+            session.finished = True
+        else:
+            with torch.inference_mode():
+                out = self.model(input_ids=torch.tensor([[token]]), past_key_values=session.cache, use_cache=True)
+            session.cache, session.logits = out.past_key_values, out.logits[0, -1]
+        return self._new_text(session, final=False)
+
+    def _flush_text(self, session: _Reasoning) -> str:
+        return self._new_text(session, final=True)
+
+    def _new_text(self, session: _Reasoning, final: bool) -> str:
+        text = self.tokenizer.decode(session.generated, skip_special_tokens=False)
+        # A byte-level token may end inside a UTF-8 character: hold it back until it completes.
+        if not final and text.endswith("\ufffd"):
+            return ""
+        if not text.startswith(session.emitted):
+            return ""  # detokenisation re-segmented earlier text; never rewrite what was sent
+        delta, session.emitted = text[len(session.emitted):], text
+        return delta

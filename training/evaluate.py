@@ -1,0 +1,103 @@
+"""Ranking metrics (HR@K, NDCG@K), the baselines every model is compared with in the same run, and
+the model's own evaluation with the decoding the service uses (trie-constrained beam search)."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from model_store import tokens
+from model_store.bundle import Bundle
+from training.data import EvalRow
+from training.tasks import spell_history
+
+CUTOFFS = (1, 5, 10)
+
+
+def ranking_metrics(ranked: Sequence[Sequence[str]], targets: Sequence[str],
+                    cutoffs: Sequence[int] = CUTOFFS) -> dict[str, float]:
+    """Mean HR@K and NDCG@K (one relevant item per row) over all rows."""
+    hits = {k: 0.0 for k in cutoffs}
+    ndcg = {k: 0.0 for k in cutoffs}
+    for items, target in zip(ranked, targets):
+        rank = next((r for r, item in enumerate(items) if item == target), None)
+        for k in cutoffs:
+            if rank is not None and rank < k:
+                hits[k] += 1
+                ndcg[k] += 1 / math.log2(rank + 2)
+    n = max(1, len(targets))
+    out = {f"HR@{k}": hits[k] / n for k in cutoffs}
+    out.update({f"NDCG@{k}": ndcg[k] / n for k in cutoffs if k > 1})
+    return out
+
+
+def popularity_ranking(train: dict[str, list[str]], k: int) -> list[str]:
+    counts = Counter(i for seq in train.values() for i in seq)
+    return [i for i, _ in counts.most_common(k)]
+
+
+class TransitionBaseline:
+    """Last-item transitions (first-order Markov) with popularity back-off."""
+
+    def __init__(self, train: dict[str, list[str]]):
+        self.next: dict[str, Counter[str]] = defaultdict(Counter)
+        for seq in train.values():
+            for a, b in zip(seq, seq[1:]):
+                self.next[a][b] += 1
+        self.popular = popularity_ranking(train, 200)
+
+    def rank(self, history: Sequence[str], k: int) -> list[str]:
+        out = [i for i, _ in self.next[history[-1]].most_common(k)] if history else []
+        seen = set(out)
+        out += [i for i in self.popular if i not in seen][: k - len(out)]
+        return out[:k]
+
+
+def baseline_rows(train: dict[str, list[str]], rows: Sequence[EvalRow], k: int = 10) -> dict[str, dict]:
+    targets = [r.target for r in rows]
+    pop = popularity_ranking(train, k)
+    trans = TransitionBaseline(train)
+    return {
+        "popularity": ranking_metrics([pop] * len(rows), targets),
+        "last-item transitions": ranking_metrics([trans.rank(r.history, k) for r in rows], targets),
+    }
+
+
+def model_rankings(decoder: Any, bundle: Bundle, rows: Sequence[EvalRow], k: int = 10, beams: int = 20,
+                   batch_size: int = 32, max_history: int = 10, desc: str = "eval") -> list[list[str]]:
+    """Top-k item ids per row from the bundle's model, decoded as the service decodes (direct mode)."""
+    ranked: list[list[str]] = []
+    for start in tqdm(range(0, len(rows), batch_size), desc=desc, unit="batch"):
+        chunk = rows[start: start + batch_size]
+        prompts = [tokens.direct_prompt(spell_history(bundle, r.history[-max_history:])) for r in chunk]
+        results = decoder.topk(prompts, [k] * len(chunk), [beams] * len(chunk))
+        ranked += [[bundle.items[s.index].item_id for s in res] for res in results]
+    return ranked
+
+
+def evaluate_model(decoder: Any, bundle: Bundle, train: dict[str, list[str]], rows: Sequence[EvalRow],
+                   k: int = 10, beams: int = 20, label: str = "model") -> dict[str, Any]:
+    ranked = model_rankings(decoder, bundle, rows, k=k, beams=beams)
+    table = {label: ranking_metrics(ranked, [r.target for r in rows]), **baseline_rows(train, rows, k)}
+    return {"rows": len(rows), "beams": beams, "metrics": table}
+
+
+def format_table(metrics: dict[str, dict[str, float]]) -> str:
+    cols = sorted({c for m in metrics.values() for c in m}, key=lambda c: (c.split("@")[0], int(c.split("@")[1])))
+    width = max(len(n) for n in metrics) + 2
+    lines = ["method".ljust(width) + " ".join(c.rjust(8) for c in cols)]
+    for name, m in metrics.items():
+        lines.append(name.ljust(width) + " ".join(f"{m.get(c, float('nan')):8.4f}" for c in cols))
+    return "\n".join(lines)
+
+
+def random_rows(bundle: Bundle, n: int, seed: int = 0) -> list[EvalRow]:
+    rng = np.random.default_rng(seed)
+    ids = [it.item_id for it in bundle.items]
+    return [EvalRow(str(u), [ids[j] for j in rng.integers(0, len(ids), 5)], ids[int(rng.integers(len(ids)))])
+            for u in range(n)]
