@@ -24,7 +24,7 @@ class QuantizerConfig:
     codebook_size: int = 256
     dedup_size: int = 256
     seed: int = 0
-    balanced: bool = False  # capacity-constrained assignment: fewer collisions, flatter code usage
+    balanced: bool = True  # capacity-constrained assignment: fewer collisions, flatter code usage
     kmeans_n_init: int = 3
     kmeans_max_iter: int = 100
 
@@ -140,8 +140,11 @@ def fit_codebooks(vectors: np.ndarray, cfg: QuantizerConfig) -> tuple[np.ndarray
     residual = vectors.astype(np.float32).copy()
     for level in range(cfg.levels):
         centers = _kmeans(residual, cfg.codebook_size, cfg, level)
-        assign = _balanced_assign(residual, centers) if cfg.balanced else _nearest(residual, centers)
-        if cfg.balanced:
+        # The greedy balanced assignment sorts all n x k distances: past ~50M pairs (200k items at
+        # k=256) it would need gigabytes, so large catalogs fall back to plain nearest centres.
+        balanced = cfg.balanced and len(residual) * len(centers) <= 50_000_000
+        assign = _balanced_assign(residual, centers) if balanced else _nearest(residual, centers)
+        if balanced:
             # Re-centre on the balanced clusters so the stored codebook matches the assignment.
             for c in range(len(centers)):
                 members = residual[assign == c]

@@ -86,6 +86,8 @@ def cmd_bundle_add_items(args: argparse.Namespace) -> int:
 def cmd_registry(args: argparse.Namespace) -> int:
     from model_store.registry import Registry
 
+    if args.action != "list" and not args.target:
+        return _err(f"registry {args.action} needs a target ({'a bundle folder' if args.action == 'publish' else 'a version'})")
     reg = Registry(args.root)
     if args.action == "publish":
         version = reg.publish(args.target, activate=args.activate)
@@ -163,7 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--levels", type=int, default=3)
     build.add_argument("--codebook-size", type=int, default=256)
     build.add_argument("--dedup-size", type=int, default=None, help="default: the codebook size")
-    build.add_argument("--balanced", action="store_true", help="capacity-balanced clusters")
+    build.add_argument("--balanced", action=argparse.BooleanOptionalAction, default=True,
+                       help="capacity-balanced clusters (fewer collisions; --no-balanced for plain k-means)")
     build.add_argument("--fields", default="title,brand,categories,description")
     build.add_argument("--embedder", default="all-MiniLM-L6-v2", help="name or local sentence-transformers folder")
     build.add_argument("--tokenizer", default=None, help="local HF tokenizer folder to extend (default: "

@@ -64,10 +64,10 @@ class HistoryStore(abc.ABC):
     async def state(self) -> StoreState:
         """Reachability, for /readyz."""
 
-    async def connect(self) -> None:  # noqa: B027 - optional hook
+    async def connect(self) -> None:
         """Open connections (a failure here is not fatal: the store recovers on its own)."""
 
-    async def close(self) -> None:  # noqa: B027 - optional hook
+    async def close(self) -> None:
         pass
 
 

@@ -22,7 +22,6 @@ def make_tiny_bundle(out: Path, n_items: int = 300, seed: int = 0, with_model: b
     from model_store.builder import BuildConfig, build_bundle, make_tokenizer
     from model_store.catalog import Item
     from model_store.semantic_ids import QuantizerConfig
-    from training.backbone import SCRATCH_PRESETS, build_scratch_model
 
     rng = np.random.default_rng(seed)
     brands = ["Acme", "Globex", "Initech", "Umbrella", "Stark"]
@@ -34,7 +33,11 @@ def make_tiny_bundle(out: Path, n_items: int = 300, seed: int = 0, with_model: b
                                                 dedup_size=dedup_size, seed=seed))
     vectors = rng.normal(size=(n_items, 16)).astype(np.float32)
     tokenizer = make_tokenizer(items, cfg)
-    model = build_scratch_model(SCRATCH_PRESETS["demo"], tokenizer) if with_model else None
+    model = None
+    if with_model:
+        from training.backbone import SCRATCH_PRESETS, build_scratch_model
+
+        model = build_scratch_model(SCRATCH_PRESETS["demo"], tokenizer)
     popularity = rng.integers(0, 50, n_items).astype(np.float32)
     path, _ = build_bundle(items, out, cfg, vectors=vectors, tokenizer=tokenizer, model=model,
                            popularity=popularity, overwrite=True, log=lambda *a: None)

@@ -247,7 +247,8 @@ def worker_router(dependencies: Sequence[Any] = ()) -> APIRouter:
                                           "reasoning_tokens": event.reasoning_tokens}) + "\n"
             except EngineOverloaded as exc:
                 yield json.dumps({"error": {"code": "overloaded", "message": str(exc)}}) + "\n"
-            except Exception as exc:
+            except Exception as exc:  # the stream has started: report in-band
+                log.exception("engine worker stream failed")
                 yield json.dumps({"error": {"code": "engine_error", "message": str(exc)}}) + "\n"
             finally:
                 await events.aclose()  # type: ignore[attr-defined]

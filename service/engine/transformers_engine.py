@@ -112,6 +112,7 @@ class TransformersEngine(Engine):
         self._batcher: asyncio.Task[None] | None = None
         self._ready = False
         self._running = 0
+        self._inflight: list[_TopkJob] = []
         self._reasoning_active = 0
         self._batch_seconds = 0.05  # running estimate, for Retry-After
         self.counters = collections.Counter[str]()
@@ -140,6 +141,7 @@ class TransformersEngine(Engine):
 
     async def close(self) -> None:
         self._ready = False
+        pending = list(self._inflight)  # read before the batcher's cleanup clears it
         if self._batcher is not None:
             self._batcher.cancel()
             try:
@@ -147,14 +149,17 @@ class TransformersEngine(Engine):
             except asyncio.CancelledError:
                 pass
             self._batcher = None
+        self._inflight = []
         if self._queue is not None:
             while not self._queue.empty():
-                job = self._queue.get_nowait()
-                if not job.future.done():
-                    job.future.set_exception(EngineUnavailable("engine is shutting down"))
-        if self._executor is not None:
-            self._executor.shutdown(wait=True, cancel_futures=True)
-            self._executor = None
+                pending.append(self._queue.get_nowait())
+        for job in pending:  # nobody may wait forever on a batch that will never run
+            if not job.future.done():
+                job.future.set_exception(EngineUnavailable("engine was shut down"))
+        executor, self._executor = self._executor, None
+        if executor is not None:
+            # Off the event loop: the step that is running may take a moment to finish.
+            await asyncio.to_thread(executor.shutdown, wait=True, cancel_futures=True)
 
     @property
     def ready(self) -> bool:
@@ -210,8 +215,15 @@ class TransformersEngine(Engine):
 
     async def _in_worker(self, fn: Callable[..., Any], *args: Any) -> Any:
         if self._executor is None:
-            raise EngineUnavailable("engine is not started")
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+            raise EngineUnavailable("engine is not started or was shut down")
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling() == 0:
+                # Not our caller being cancelled: close() dropped the queued work.
+                raise EngineUnavailable("engine was shut down") from None
+            raise
 
     # ------------------------------------------------------------------ top-k
     async def recommend(self, request: EngineRequest) -> list[ScoredItem]:
@@ -251,6 +263,7 @@ class TransformersEngine(Engine):
             batch = [job for job in batch if not job.future.done()]
             if not batch:
                 continue
+            self._inflight = batch
             self._running = len(batch)
             started = time.perf_counter()
             try:
@@ -263,6 +276,7 @@ class TransformersEngine(Engine):
                 continue
             finally:
                 self._running = 0
+                self._inflight = []
             elapsed = time.perf_counter() - started
             self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * elapsed
             self.counters["batches"] += 1

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import make_tiny_bundle
+
 from model_store.bundle import (
     FORMAT_VERSION,
     MANIFEST,
@@ -80,9 +80,9 @@ def test_round_trip(saved, parts) -> None:
     assert not b.has_model
     with pytest.raises(BundleError, match="no model"):
         _ = b.model_path
-    from transformers import AutoTokenizer
+    from transformers import PreTrainedTokenizerFast  # AutoTokenizer would import torch: slow
 
-    tok = AutoTokenizer.from_pretrained(str(b.tokenizer_path), local_files_only=True)
+    tok = PreTrainedTokenizerFast.from_pretrained(str(b.tokenizer_path), local_files_only=True)
     assert tok.tokenize(b.spelled_id(0)) == [FMT.token(lv, int(c)) for lv, c in enumerate(parts["codes"][0])]
 
 

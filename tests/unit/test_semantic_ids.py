@@ -27,7 +27,9 @@ def clustered(n: int, dim: int = 16, clusters: int = 6, seed: int = 0, sizes: li
     return (centers[which] + rng.normal(scale=0.5, size=(n, dim))).astype(np.float32)
 
 
-CFG = QuantizerConfig(levels=3, codebook_size=8, dedup_size=32, seed=0, kmeans_n_init=1, kmeans_max_iter=50)
+# Plain k-means here: the assertions below are about nearest-centre coding (balanced has its own test).
+CFG = QuantizerConfig(levels=3, codebook_size=8, dedup_size=32, seed=0, kmeans_n_init=1, kmeans_max_iter=50,
+                      balanced=False)
 
 
 def unique_rows(codes: np.ndarray) -> int:
@@ -98,7 +100,8 @@ def test_dedup_overflow_error_message() -> None:
 def test_build_reports_dedup_overflow() -> None:
     x = np.repeat(clustered(3), 5, axis=0)  # 5 copies of each of 3 points
     with pytest.raises(ValueError, match="5 items share"):
-        build_semantic_ids(x, QuantizerConfig(levels=2, codebook_size=4, dedup_size=4, kmeans_n_init=1))
+        build_semantic_ids(x, QuantizerConfig(levels=2, codebook_size=4, dedup_size=4, kmeans_n_init=1,
+                                              balanced=False))
 
 
 def test_assign_codes_with_fixed_codebooks() -> None:
@@ -132,7 +135,7 @@ def test_assign_new_items_keeps_existing_ids_unique() -> None:
 
 def test_balanced_gives_flatter_usage() -> None:
     x = clustered(400, clusters=8, sizes=[50, 20, 10, 5, 2, 1, 1, 1], seed=11)
-    cfg = QuantizerConfig(levels=2, codebook_size=8, dedup_size=64, seed=0, kmeans_n_init=1)
+    cfg = QuantizerConfig(levels=2, codebook_size=8, dedup_size=64, seed=0, kmeans_n_init=1, balanced=False)
     plain = build_semantic_ids(x, cfg)
     bal = build_semantic_ids(x, QuantizerConfig(**{**cfg.__dict__, "balanced": True}))
     for sem in (plain, bal):

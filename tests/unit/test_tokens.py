@@ -123,7 +123,7 @@ def test_truncate_history_drops_in_chunks_and_keeps_newest() -> None:
 @pytest.mark.parametrize("max_items,chunk", [(20, 10), (20, 1), (7, 3), (5, 10), (1, 4)])
 def test_truncate_history_invariants(max_items: int, chunk: int) -> None:
     starts = []
-    for length in range(0, 80):
+    for length in range(80):
         hist = list(range(length))
         kept = truncate_history(hist, max_items, drop_chunk=chunk)
         assert len(kept) <= max_items

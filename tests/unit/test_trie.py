@@ -77,7 +77,8 @@ def id_sets(draw):
     return fmt, items, exclude, allow
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=150, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.too_slow])
 @given(id_sets())
 def test_trie_matches_brute_force(case) -> None:
     fmt, items, exclude, allow = case

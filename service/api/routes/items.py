@@ -17,7 +17,7 @@ router = APIRouter(prefix="/v1/items", tags=["items"], dependencies=[Depends(req
 async def get_item(item_id: str, bundle: BundleDep) -> ItemResponse:
     index = bundle.index_of.get(item_id)
     if index is None:
-        raise ApiError(404, "item_not_found", f"unknown item id {item_id!r}",
+        raise ApiError(404, "item_not_found", f"item_id {item_id!r} is not in the catalog",
                        errors=[{"field": "item_id", "message": "not in the catalog", "item_ids": [item_id]}])
     item = bundle.items[index]
     return ItemResponse(item_id=item.item_id, title=item.title, brand=item.brand, categories=item.categories,

@@ -1,0 +1,382 @@
+"""Engine benchmark: one table from one run, on one bundle and one list of requests (k=10).
+
+Rows, each at concurrency 1 and 32:
+  (a) reference  `transformers generate(num_beams=10, num_return_sequences=10, max_new_tokens=depth,
+                 prefix_allowed_tokens_fn=<dict trie>)`, the decoding in GREAM's and MiniOneRec's code
+                 (concurrency 32 = batches of 32 prompts);
+  (b) hf-trie    HFTrieDecoder, our transformers path (concurrency 32 = batches of 32);
+  (c) vllm       VLLMEngine (AsyncLLM in-process; 32 requests in flight);
+  (d) gateway    the HTTP gateway (`python -m service.cli serve`, uvicorn in a subprocess) in front of the
+                 faster of (b)/(c) at concurrency 32, driven over real sockets.
+For each row: requests/s, p50/p99 latency, the ratio of requests/s to (a) at the same concurrency, and
+the fraction of requests whose top-10 items (same items, same order) equal (a)'s.
+
+Requests: histories from ../shared/data/amazon-industrial/test.jsonl when the bundle was built from
+that catalog, otherwise random histories of the bundle's own items.
+
+    .venv/bin/python loadtests/bench_engine.py --bundle var/demo-bundle --requests 64 --json var/bench.json
+
+All rows use the same dtype (--dtype fp32|bf16). Engines run one after another (never two at once).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+SHARED_TEST = ROOT.parent / "shared" / "data" / "amazon-industrial" / "test.jsonl"
+K = 10
+BEAMS = 10
+DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
+
+
+@dataclass
+class Row:
+    engine: str
+    concurrency: int
+    latencies_s: list[float]
+    wall_s: float
+    results: list[list[int]] = field(default_factory=list)
+    note: str = ""
+
+    @property
+    def rps(self) -> float:
+        return len(self.latencies_s) / self.wall_s if self.wall_s > 0 else float("nan")
+
+    def pct(self, q: float) -> float:
+        return float(np.percentile(np.asarray(self.latencies_s) * 1000.0, q)) if self.latencies_s else float("nan")
+
+
+# ------------------------------------------------------------------------------------------ requests
+
+
+def make_histories(bundle: Any, n: int, seed: int) -> tuple[list[list[int]], str]:
+    """Item-index histories, oldest first: the shared test split when the bundle holds its items."""
+    if SHARED_TEST.is_file():
+        rows = [json.loads(line) for line in SHARED_TEST.read_text().splitlines() if line.strip()]
+        hist = [[bundle.index_of.get(str(i)) for i in r["history"]] for r in rows]
+        known = sum(h is not None for hs in hist for h in hs)
+        total = sum(len(hs) for hs in hist)
+        if total and known / total >= 0.95:
+            usable = [[h for h in hs if h is not None][-10:] for hs in hist]
+            usable = [h for h in usable if h]
+            return usable[:n], f"{SHARED_TEST.parent.name}/test.jsonl (first {min(n, len(usable))} rows)"
+    rng = np.random.default_rng(seed)
+    out = [rng.choice(len(bundle.items), size=int(rng.integers(3, 11)), replace=False).tolist() for _ in range(n)]
+    return out, f"random histories of the bundle's items (seed {seed})"
+
+
+# ------------------------------------------------------------------------------------------ timing
+
+
+def run_batches(name: str, fn: Callable[[Sequence[str]], list[list[int]]], prompts: Sequence[str],
+                batch: int) -> Row:
+    """Synchronous engines: `batch` prompts per call; each request's latency is its batch's time."""
+    from tqdm import tqdm
+
+    lat: list[float] = []
+    results: list[list[int]] = []
+    started = time.perf_counter()
+    with tqdm(total=len(prompts), desc=f"{name} c={batch}", unit="req", leave=False) as bar:
+        for lo in range(0, len(prompts), batch):
+            chunk = prompts[lo:lo + batch]
+            t = time.perf_counter()
+            results.extend(fn(chunk))
+            lat.extend([time.perf_counter() - t] * len(chunk))
+            bar.update(len(chunk))
+    return Row(name, batch, lat, time.perf_counter() - started, results)
+
+
+async def run_async(name: str, fn: Callable[[int], Awaitable[list[int]]], n: int, concurrency: int) -> Row:
+    """Asynchronous engines: `concurrency` requests in flight at all times."""
+    from tqdm import tqdm
+
+    lat = [0.0] * n
+    results: list[list[int]] = [[] for _ in range(n)]
+    sem = asyncio.Semaphore(concurrency)
+    bar = tqdm(total=n, desc=f"{name} c={concurrency}", unit="req", leave=False)
+
+    async def one(i: int) -> None:
+        async with sem:
+            t = time.perf_counter()
+            results[i] = await fn(i)
+            lat[i] = time.perf_counter() - t
+            bar.update(1)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(one(i) for i in range(n)))
+    wall = time.perf_counter() - started
+    bar.close()
+    return Row(name, concurrency, lat, wall, results)
+
+
+# ------------------------------------------------------------------------------------------ engines
+
+
+def load_hf(bundle: Any, dtype: str) -> tuple[Any, Any, list[int]]:
+    import torch
+    from transformers import AutoTokenizer
+
+    from model_store.tokens import id_token_ids
+    from training.backbone import load_bundle_model
+
+    tok = AutoTokenizer.from_pretrained(str(bundle.tokenizer_path), local_files_only=True)
+    model = load_bundle_model(bundle.model_path, dtype=getattr(torch, DTYPES[dtype]))
+    return model, tok, id_token_ids(tok, bundle.id_format)
+
+
+class ReferenceDecoder:
+    """GREAM's / MiniOneRec's decoding: beam search in `generate` with a Python dict trie."""
+
+    def __init__(self, model: Any, tokenizer: Any, bundle: Any, code_tokens: Sequence[int]):
+        self.model, self.tok, self.depth = model, tokenizer, bundle.trie.depth
+        self.tok.padding_side = "left"
+        fmt = bundle.id_format
+        seqs = [tuple(int(code_tokens[fmt.level_offset(lv) + int(c)]) for lv, c in enumerate(row))
+                for row in bundle.codes]
+        self.item_of = {s: i for i, s in enumerate(seqs)}
+        self.allowed: dict[tuple[int, ...], list[int]] = {}
+        for s in seqs:
+            for d in range(self.depth):
+                self.allowed.setdefault(s[:d], [])
+                if s[d] not in self.allowed[s[:d]]:
+                    self.allowed[s[:d]].append(s[d])
+        self.eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+
+    def __call__(self, prompts: Sequence[str]) -> list[list[int]]:
+        import torch
+
+        enc = self.tok(list(prompts), return_tensors="pt", padding=True, add_special_tokens=False)
+        width = enc["input_ids"].shape[1]
+
+        def allowed(_batch_id: int, ids: torch.Tensor) -> list[int]:
+            return self.allowed.get(tuple(ids[width:].tolist()), [self.eos])
+
+        with torch.inference_mode():
+            out = self.model.generate(**enc, num_beams=BEAMS, num_return_sequences=BEAMS, max_new_tokens=self.depth,
+                                      min_new_tokens=self.depth, prefix_allowed_tokens_fn=allowed, do_sample=False,
+                                      early_stopping=True, length_penalty=1.0, output_scores=False,
+                                      return_dict_in_generate=True, pad_token_id=self.tok.pad_token_id)
+        gen = out.sequences[:, width:].tolist()
+        results = []
+        for p in range(len(prompts)):
+            items = [self.item_of.get(tuple(g)) for g in gen[p * BEAMS:(p + 1) * BEAMS]]
+            results.append([i for i in items if i is not None][:K])
+        return results
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def bench_vllm(bundle: Any, prompts: Sequence[str], dtype: str, concurrencies: Sequence[int]) -> list[Row]:
+    from service.engine.base import EngineRequest
+    from service.engine.vllm_engine import VLLMEngine
+
+    engine = VLLMEngine(bundle, default_beams=BEAMS, dtype=DTYPES[dtype], queue_max=4096)
+    await engine.start()
+    rows = []
+    try:
+        async def one(i: int) -> list[int]:
+            items = await engine.recommend(EngineRequest(f"bench-{i}", prompts[i], K))
+            return [it.index for it in items]
+
+        for _ in range(2):  # warm-up
+            await asyncio.gather(*(one(i) for i in range(min(8, len(prompts)))))
+        for c in concurrencies:
+            rows.append(await run_async("vllm: VLLMEngine", one, len(prompts), c))
+    finally:
+        await engine.close()
+    return rows
+
+
+async def bench_gateway(bundle_dir: Path, bundle: Any, histories: Sequence[Sequence[int]], engine: str,
+                        dtype: str, concurrencies: Sequence[int], ready_timeout_s: float = 600) -> list[Row]:
+    import httpx
+
+    port = free_port()
+    env = {**os.environ, "GREAM_DTYPE": DTYPES[dtype], "GREAM_LOG_LEVEL": "warning", "GREAM_QUEUE_MAX": "4096",
+           "GREAM_DEFAULT_BEAMS": str(BEAMS), "GREAM_MAX_BATCH": "32"}
+    env.pop("GREAM_REDIS_URL", None)  # the embedded in-memory history store: requests carry histories
+    cmd = [sys.executable, "-m", "service.cli", "serve", "--bundle", str(bundle_dir), "--host", "127.0.0.1",
+           "--port", str(port), "--engine", engine]
+    log_file = tempfile.NamedTemporaryFile(prefix="bench-gateway-", suffix=".log", delete=False)  # noqa: SIM115
+    proc = subprocess.Popen(cmd, cwd=str(ROOT), env=env, stdout=log_file,  # noqa: ASYNC220 (before timing)
+                            stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    rows: list[Row] = []
+    try:
+        async with httpx.AsyncClient(base_url=base, timeout=120) as client:
+            deadline = time.monotonic() + ready_timeout_s
+            while True:
+                if proc.poll() is not None:
+                    err = Path(log_file.name).read_text(errors="replace")[-3000:]
+                    raise RuntimeError(f"gateway exited with {proc.returncode} (log {log_file.name}):\n{err}")
+                try:
+                    if (await client.get("/readyz")).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise RuntimeError("gateway did not become ready in time")
+                await asyncio.sleep(1.0)
+            bodies = [{"history": [bundle.items[i].item_id for i in h], "k": K, "exclude_seen": False}
+                      for h in histories]
+
+            async def one(i: int) -> list[int]:
+                resp = await client.post("/v1/recommendations", json=bodies[i])
+                resp.raise_for_status()
+                return [bundle.index_of[it["item_id"]] for it in resp.json()["items"]]
+
+            for _ in range(2):
+                await asyncio.gather(*(one(i) for i in range(min(8, len(bodies)))))
+            for c in concurrencies:
+                rows.append(await run_async(f"gateway: HTTP -> {engine}", one, len(bodies), c))
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log_file.close()
+    return rows
+
+
+# ------------------------------------------------------------------------------------------ report
+
+
+def agreement(row: Row, ref: Row | None) -> float | None:
+    if ref is None or not row.results or len(row.results) != len(ref.results):
+        return None
+    return sum(a == b for a, b in zip(row.results, ref.results)) / len(ref.results)
+
+
+def table(rows: Sequence[Row], refs: dict[int, Row]) -> str:
+    head = ["engine", "conc.", "req/s", "p50 ms", "p99 ms", "x ref req/s", "same top-10 as ref"]
+    lines = [head]
+    for r in rows:
+        ref = refs.get(r.concurrency)
+        ratio = f"{r.rps / ref.rps:.2f}x" if ref is not None and ref.rps > 0 else "-"
+        agree = agreement(r, ref)
+        lines.append([r.engine, str(r.concurrency), f"{r.rps:.2f}", f"{r.pct(50):.1f}", f"{r.pct(99):.1f}", ratio,
+                      "-" if agree is None else f"{agree:.3f}"])
+    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
+    fmt = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"
+    return "\n".join([fmt(lines[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(fmt, lines[1:])])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--bundle", default="var/demo-bundle", help="bundle folder with a model")
+    parser.add_argument("--requests", type=int, default=64, help="requests per row")
+    parser.add_argument("--json", default=None, help="also write the rows as a JSON list to this file")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    parser.add_argument("--concurrency", default="1,32", help="comma-separated concurrency levels")
+    parser.add_argument("--engines", default="reference,hf,vllm,gateway",
+                        help="subset of reference,hf,vllm,gateway")
+    parser.add_argument("--gateway-engine", choices=["auto", "transformers", "vllm"], default="auto",
+                        help="engine behind the gateway row (auto: the faster at the highest concurrency)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    import torch
+
+    from model_store.bundle import load_bundle
+    from model_store.tokens import direct_prompt
+
+    engines = {e.strip() for e in args.engines.split(",") if e.strip()}
+    concurrencies = [int(c) for c in args.concurrency.split(",")]
+    bundle_dir = Path(args.bundle).resolve()
+    bundle = load_bundle(bundle_dir)
+    histories, source = make_histories(bundle, args.requests, args.seed)
+    prompts = [direct_prompt([bundle.spelled_id(i) for i in h]) for h in histories]
+    print(f"bundle {bundle_dir} ({len(bundle.items)} items, {bundle.trie.depth}-token IDs), {len(prompts)} "
+          f"requests from {source}, k={K}, beams={BEAMS}, dtype={args.dtype}, torch threads "
+          f"{torch.get_num_threads()}", flush=True)
+
+    rows: list[Row] = []
+    refs: dict[int, Row] = {}
+    if engines & {"reference", "hf"}:
+        from service.engine.hf_decoder import HFTrieDecoder
+
+        model, tok, code_tokens = load_hf(bundle, args.dtype)
+        if "reference" in engines:
+            ref = ReferenceDecoder(model, tok, bundle, code_tokens)
+            ref(prompts[:2])  # warm-up
+            for c in concurrencies:
+                refs[c] = run_batches("reference: HF generate(num_beams=10, prefix_allowed_tokens_fn)",
+                                      ref, prompts, c)
+                rows.append(refs[c])
+        if "hf" in engines:
+            dec = HFTrieDecoder(model, tok, bundle.trie, code_tokens)
+
+            def hf(chunk: Sequence[str]) -> list[list[int]]:
+                return [[it.index for it in items] for items in dec.topk(chunk, [K] * len(chunk), [BEAMS] * len(chunk))]
+
+            hf(prompts[:2])
+            for c in concurrencies:
+                rows.append(run_batches("transformers: HFTrieDecoder", hf, prompts, c))
+        del model
+    if "vllm" in engines:
+        try:
+            rows += asyncio.run(bench_vllm(bundle, prompts, args.dtype, concurrencies))
+        except ImportError as exc:
+            print(f"vllm row skipped: {exc}", file=sys.stderr)
+    if "gateway" in engines:
+        gateway_engine = args.gateway_engine
+        if gateway_engine == "auto":
+            top = max(concurrencies)
+            cands = {("vllm" if r.engine.startswith("vllm") else "transformers"): r.rps for r in rows
+                     if r.concurrency == top and r.engine.startswith(("vllm", "transformers"))}
+            gateway_engine = max(cands, key=cands.get) if cands else "transformers"
+        try:
+            from service.app import create_app  # noqa: F401
+        except ImportError:
+            print("TODO gateway row: service.app.create_app is not available yet", file=sys.stderr)
+        else:
+            rows += asyncio.run(bench_gateway(bundle_dir, bundle, histories, gateway_engine, args.dtype,
+                                              concurrencies))
+
+    print()
+    print(table(rows, refs))
+    for r in rows:
+        if r.engine.startswith("gateway"):
+            same = [b for b in rows if b.concurrency == r.concurrency and b.engine.startswith(
+                "vllm" if r.engine.endswith("vllm") else "transformers")]
+            if same:
+                overhead = same[0].rps / r.rps - 1 if r.rps > 0 else float("nan")
+                print(f"gateway overhead at concurrency {r.concurrency}: {overhead * 100:+.1f} % req/s "
+                      f"vs the bare engine")
+    if args.json:
+        out = [{"engine": r.engine, "concurrency": r.concurrency, "rps": round(r.rps, 3),
+                "p50_ms": round(r.pct(50), 2), "p99_ms": round(r.pct(99), 2),
+                "same_top10_as_reference": agreement(r, refs.get(r.concurrency))} for r in rows]
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,365 @@
+"""vLLM engine: the bundle's model in vLLM's AsyncLLM, in-process, with trie-constrained beam search.
+
+Top-k decoding is a beam search over the item trie run here, one round per ID level, on top of vLLM's
+scheduler and prefix cache (``LLM.beam_search`` is not used: under the default ``raw_logprobs`` mode it
+takes candidates before the mask and silently returns fewer beams, see ../shared/notes/vllm-cpu.md):
+
+- round 0 prefills the prompt once (one 1-token request) and asks for the raw log-probabilities of
+  exactly the trie's first-level tokens (``SamplingParams.logprob_token_ids``, <= 128 ids a request;
+  more children are split over several requests);
+- round d submits, for every live beam, one 1-token request ``prompt + beam tokens`` asking for the
+  log-probabilities of that beam's trie children only (minus the request's exclusions / outside its
+  allow-list). vLLM's prefix cache serves the shared prompt, so each beam computes only its last
+  partial block and its own 1-3 tokens; the beams of a request, and of every concurrent request, are
+  scheduled together in the same engine steps;
+- the returned values feed ``TrieBeamSearch.advance``, the bookkeeping every engine shares, so the
+  ranking (summed raw log-probabilities, softmax over the whole vocabulary, ties by token id) is the
+  one of ``HFTrieDecoder`` and the transformers engine.
+
+vLLM computes ``logprob_token_ids`` from the raw log-probabilities (before any logits processor,
+``vllm/v1/sample/sampler.py``), so no renormalisation over the allowed set sneaks in.
+
+Reasoning streams free text with ``AsyncLLM.generate`` (``RequestOutputKind.DELTA``), ID tokens and
+markers disallowed, until THINK_END or the budget; then the same constrained top-k runs on
+prompt + reasoning + ``reasoning_answer_suffix()``. Closing the iterator aborts the vLLM request.
+
+vLLM starts its engine core with ``spawn`` on CPU: scripts that create this engine need an
+``if __name__ == "__main__":`` guard.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import itertools
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from model_store.bundle import Bundle, load_bundle
+from model_store.tokens import SPECIAL_TOKENS, THINK_END, direct_prompt, id_token_ids, reasoning_answer_suffix
+from model_store.trie import TrieFilter
+from service.engine.base import (
+    Engine,
+    EngineOverloaded,
+    EngineRequest,
+    EngineStats,
+    EngineUnavailable,
+    ReasoningDelta,
+    ReasoningDone,
+    ScoredItem,
+)
+from service.engine.beam import BeamState, TrieBeamSearch, beam_widths
+
+_PROJECT_ROOT = Path(__file__).resolve().parents[2]
+# vLLM reads these lazily; set project defaults before it is imported (an explicit setting wins).
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV cache on CPU
+os.environ.setdefault("VLLM_CACHE_ROOT", str(_PROJECT_ROOT / ".cache" / "vllm"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import vllm
+from vllm import SamplingParams
+from vllm.engine.arg_utils import AsyncEngineArgs
+from vllm.inputs import tokens_input
+from vllm.sampling_params import MAX_LOGPROB_TOKEN_IDS, RequestOutputKind
+from vllm.v1.engine.async_llm import AsyncLLM
+
+log = logging.getLogger("gream.engine")
+
+VLLM_VERSION = vllm.__version__
+DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+          "float16": "float16", "fp16": "float16"}
+
+
+class VLLMEngine(Engine):
+    name = "vllm"
+
+    def __init__(self, bundle: Bundle | str | Path, *, default_beams: int = 10, queue_max: int = 256,
+                 dtype: str = "float32", enforce_eager: bool = True, max_concurrent_reasoning: int = 16,
+                 reasoning_temperature: float = 0.0, seed: int = 0, block_size: int = 32,
+                 max_num_seqs: int = 512, max_num_batched_tokens: int = 8192, max_model_len: int | None = None,
+                 enable_prefix_caching: bool = True, executor: str = "mp", **_ignored: Any):
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
+        self.default_beams = default_beams
+        self.queue_max = queue_max
+        self.dtype = DTYPES[dtype]
+        self.enforce_eager = enforce_eager
+        self.max_concurrent_reasoning = max_concurrent_reasoning
+        self.temperature = reasoning_temperature
+        self.seed = seed
+        # CPU attention needs block sizes that are multiples of 32; small blocks let the prefix cache
+        # serve most of a short prompt (only full blocks are cached).
+        self.block_size = block_size
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_model_len = max_model_len
+        self.enable_prefix_caching = enable_prefix_caching
+        if executor not in ("uni", "mp"):
+            raise ValueError(f"executor must be 'uni' or 'mp', got {executor!r}")
+        self.executor = executor
+        self.on_batch = None  # the gateway's batch-size hook; vLLM batches internally, so never called
+        self.counters = collections.Counter[str]()
+        self.aborted: collections.deque[str] = collections.deque(maxlen=256)  # vLLM ids of aborted streams
+        self._llm: AsyncLLM | None = None
+        self._model_dir: Path | None = None
+        self._ready = False
+        self._inflight = 0
+        self._reasoning_active = 0
+        self._seq = itertools.count()
+        self._step_seconds = 0.05  # running estimate of one request's latency, for Retry-After
+        trie = self.bundle.trie
+        self.tokenizer: Any = None
+        self._code_token = np.zeros(0, dtype=np.int64)  # flat code -> vocabulary id
+        self._search: TrieBeamSearch | None = None  # over compact token ranks (see _load_tokenizer)
+        self._rank_token = np.zeros(0, dtype=np.int64)  # compact rank -> vocabulary id
+        self._depth = trie.depth
+        self._think_end = -1
+        self._suffix_ids: list[int] = []
+        self._reasoning_allowed: list[int] = []
+        self._max_len = 0
+
+    # ------------------------------------------------------------------ lifecycle
+    @property
+    def ready(self) -> bool:
+        return self._ready
+
+    def stats(self) -> EngineStats:
+        extra = {k: float(v) for k, v in self.counters.items()}
+        extra["reasoning_active"] = float(self._reasoning_active)
+        running = self._llm.get_num_unfinished_requests() if self._llm is not None else 0
+        return EngineStats(queue_depth=self._inflight, running=running, extra=extra)
+
+    async def start(self) -> None:
+        if self._ready:
+            return
+        started = time.perf_counter()
+        self._load_tokenizer()
+        self._model_dir = self._merged_model_dir()
+        args = AsyncEngineArgs(
+            model=str(self._model_dir), tokenizer=str(self._model_dir), dtype=self.dtype,
+            enforce_eager=self.enforce_eager, enable_prefix_caching=self.enable_prefix_caching,
+            block_size=self.block_size, max_num_seqs=self.max_num_seqs,
+            max_num_batched_tokens=self.max_num_batched_tokens, max_model_len=self.max_model_len,
+            max_logprobs=MAX_LOGPROB_TOKEN_IDS, seed=self.seed, disable_log_stats=True,
+            distributed_executor_backend=self.executor,
+        )  # KV cache size: VLLM_CPU_KVCACHE_SPACE (GiB, default 1 here)
+        if self.executor == "uni":
+            # The model runs inside the engine-core process (AsyncLLM always has one) instead of a
+            # further worker process: no shared-memory queue whose reader busy-spins between steps.
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        try:
+            # Building the engine spawns the engine-core process and loads the model (20-90 s on two
+            # cores); run it off the event loop so health checks still answer meanwhile.
+            self._llm = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
+        except Exception:
+            self._cleanup_model_dir()
+            raise
+        self._max_len = int(self._llm.model_config.max_model_len)
+        await self._warm_up()
+        self._ready = True
+        log.info("vllm engine ready", extra={"vllm": VLLM_VERSION, "dtype": self.dtype,
+                                             "load_s": round(time.perf_counter() - started, 1)})
+
+    async def close(self) -> None:
+        self._ready = False
+        llm, self._llm = self._llm, None
+        if llm is not None:
+            # Stop the output handler first, or it reports the engine core's exit as an error.
+            handler = getattr(llm, "output_handler", None)
+            if handler is not None and not handler.done():
+                handler.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await handler
+                llm.output_handler = None
+            await asyncio.to_thread(llm.shutdown)
+        self._cleanup_model_dir()
+
+    def _load_tokenizer(self) -> None:
+        from transformers import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(str(self.bundle.tokenizer_path), local_files_only=True)
+        self._code_token = np.asarray(id_token_ids(self.tokenizer, self.bundle.id_format), dtype=np.int64)
+        # The beam search runs over compact ranks of the ID tokens (rank order = token-id order, so ties
+        # break exactly as with real token ids): log-prob rows are [beams, ID tokens], not [beams, vocab].
+        order = np.argsort(self._code_token, kind="stable")
+        rank = np.empty_like(order)
+        rank[order] = np.arange(len(order))
+        self._rank_token = self._code_token[order]
+        self._search = TrieBeamSearch(self.bundle.trie, rank)
+        self._think_end = int(self.tokenizer.convert_tokens_to_ids(THINK_END))
+        self._suffix_ids = self._encode(reasoning_answer_suffix())
+        # Reasoning text may not contain ID tokens, markers or other special tokens; only THINK_END ends it.
+        banned = {int(t) for t in self._code_token}
+        banned.update(int(t) for t in self.tokenizer.all_special_ids)
+        banned.update(int(t) for t in self.tokenizer.convert_tokens_to_ids(list(SPECIAL_TOKENS)) if t is not None)
+        banned.discard(self._think_end)
+        self._reasoning_allowed = [t for t in range(len(self.tokenizer)) if t not in banned]
+
+    def _merged_model_dir(self) -> Path:
+        """One folder with the bundle's model and tokenizer files (symlinks): vLLM looks for a model
+        config next to the tokenizer and otherwise retries with sleeps in every process."""
+        root = Path(os.environ["VLLM_CACHE_ROOT"]) / "gream-models"
+        root.mkdir(parents=True, exist_ok=True)
+        folder = Path(tempfile.mkdtemp(prefix=f"{self.bundle.version}-", dir=root))
+        for src_dir in (self.bundle.model_path, self.bundle.tokenizer_path):
+            for src in Path(src_dir).iterdir():
+                dst = folder / src.name
+                if not dst.exists():
+                    dst.symlink_to(src.resolve())
+        return folder
+
+    def _cleanup_model_dir(self) -> None:
+        if self._model_dir is not None:
+            shutil.rmtree(self._model_dir, ignore_errors=True)
+            self._model_dir = None
+
+    async def _warm_up(self) -> None:
+        spelled = [self.bundle.spelled_id(i) for i in self.bundle.popular(5)]
+        ids = self._encode(direct_prompt(spelled))
+        await self._topk("warm-up", ids, 1, self.default_beams, None)
+
+    def _encode(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    # ------------------------------------------------------------------ admission
+    def _retry_after(self) -> float:
+        return float(min(30, max(1, round(self._step_seconds * (1 + self._inflight / 32)))))
+
+    def _admit(self) -> None:
+        if self._llm is None or not self._ready:
+            raise EngineUnavailable("engine is not ready")
+        if self._llm.errored:
+            raise EngineUnavailable("vLLM engine core has died")
+        if self._inflight >= self.queue_max:
+            self.counters["rejected_queue_full"] += 1
+            raise EngineOverloaded(f"engine is full ({self._inflight} requests in flight)",
+                                   retry_after=self._retry_after())
+
+    # ------------------------------------------------------------------ top-k
+    async def recommend(self, request: EngineRequest) -> list[ScoredItem]:
+        self._admit()
+        self._inflight += 1
+        started = time.perf_counter()
+        try:
+            ids = self._encode(request.prompt)
+            width = beam_widths([request.k], [request.num_beams], self.default_beams)[0]
+            filt = self.bundle.trie.make_filter(exclude=request.exclude, allow=request.allow)
+            return await self._topk(request.request_id, ids, request.k, width, filt)
+        finally:
+            self._inflight -= 1
+            self._step_seconds = 0.8 * self._step_seconds + 0.2 * (time.perf_counter() - started)
+
+    async def _topk(self, request_id: str, prompt_ids: list[int], k: int, width: int,
+                    filt: TrieFilter | None) -> list[ScoredItem]:
+        """Trie-constrained beam search of `width` beams; the top-k items, best first."""
+        assert self._search is not None
+        search, trie = self._search, self.bundle.trie
+        if len(prompt_ids) + self._depth > self._max_len:
+            raise ValueError(f"prompt of {len(prompt_ids)} tokens leaves no room for a {self._depth}-token "
+                             f"ID in the model's {self._max_len} positions")
+        tag = f"{request_id}-{next(self._seq)}"
+        state: BeamState = search.start(1)
+        beams: list[list[int]] = [[]]  # vocabulary ids appended by each live beam
+        for level in range(self._depth):
+            kids = trie.children(state.node, filt)
+            if len(kids.row) == 0:
+                return []
+            kid_ranks = search.code_token[kids.code]
+            bounds = np.searchsorted(kids.row, np.arange(state.size + 1))  # rows are grouped by beam
+            jobs: list[tuple[int, np.ndarray]] = []
+            for b in range(state.size):
+                ranks = kid_ranks[bounds[b]:bounds[b + 1]]
+                for lo in range(0, len(ranks), MAX_LOGPROB_TOKEN_IDS):
+                    jobs.append((b, ranks[lo:lo + MAX_LOGPROB_TOKEN_IDS]))
+            results = await asyncio.gather(*(
+                self._score(f"{tag}-L{level}-b{b}-{j}", prompt_ids + beams[b], self._rank_token[ranks])
+                for j, (b, ranks) in enumerate(jobs)))
+            logprobs = torch.full((state.size, len(self._rank_token)), float("-inf"), dtype=torch.float64)
+            for (b, ranks), values in zip(jobs, results):
+                logprobs[b, torch.from_numpy(ranks)] = torch.tensor(values, dtype=torch.float64)
+            step = search.advance(state, logprobs, [width], [filt])
+            beams = [beams[p] + [int(self._rank_token[r])] for p, r in zip(step.parent, step.token)]
+            state = step.state
+        if state.size == 0:
+            return []
+        return search.finish(state, 1, [k])[0]
+
+    async def _score(self, vllm_id: str, token_ids: list[int], candidates: np.ndarray) -> list[float]:
+        """Raw log-probabilities of `candidates` as the next token after `token_ids` (one engine step)."""
+        assert self._llm is not None
+        wanted = [int(t) for t in candidates]
+        params = SamplingParams(max_tokens=1, temperature=0.0, logprob_token_ids=wanted, detokenize=False,
+                                output_kind=RequestOutputKind.FINAL_ONLY, skip_clone=True)
+        final = None
+        async for out in self._llm.generate(tokens_input(token_ids), params, request_id=vllm_id):
+            final = out
+        if final is None or not final.outputs or not final.outputs[0].logprobs:
+            raise EngineUnavailable(f"vLLM returned no log-probabilities for {vllm_id}")
+        position = final.outputs[0].logprobs[0]
+        return [position[t].logprob for t in wanted]
+
+    # ------------------------------------------------------------------ reasoning
+    async def reason(self, request: EngineRequest, max_reasoning_tokens: int
+                     ) -> AsyncIterator[ReasoningDelta | ReasoningDone]:
+        self._admit()
+        if self._reasoning_active >= self.max_concurrent_reasoning:
+            self.counters["rejected_reasoning_full"] += 1
+            raise EngineOverloaded(f"{self._reasoning_active} reasoning streams already running",
+                                   retry_after=self._retry_after())
+        assert self._llm is not None
+        llm = self._llm
+        self._inflight += 1
+        self._reasoning_active += 1
+        vllm_id = f"{request.request_id}-{next(self._seq)}-think"
+        generated: list[int] = []
+        stream = None
+        finished = False
+        try:
+            prompt_ids = self._encode(request.prompt)
+            room = self._max_len - len(prompt_ids) - len(self._suffix_ids) - self._depth
+            budget = max(0, min(max_reasoning_tokens, room))
+            if budget > 0:
+                params = SamplingParams(
+                    max_tokens=budget, temperature=self.temperature, seed=self.seed if self.temperature else None,
+                    stop_token_ids=[self._think_end], allowed_token_ids=self._reasoning_allowed,
+                    output_kind=RequestOutputKind.DELTA, skip_special_tokens=True)
+                stream = llm.generate(tokens_input(prompt_ids), params, request_id=vllm_id)
+                async for out in stream:
+                    completion = out.outputs[0]
+                    generated.extend(completion.token_ids)
+                    if completion.text:
+                        yield ReasoningDelta(completion.text)
+            finished = True
+            if generated and generated[-1] == self._think_end:
+                generated.pop()
+            self.counters["reasoning_tokens"] += len(generated)
+            filt = self.bundle.trie.make_filter(exclude=request.exclude, allow=request.allow)
+            width = beam_widths([request.k], [request.num_beams], self.default_beams)[0]
+            items = await self._topk(request.request_id, prompt_ids + generated + self._suffix_ids,
+                                     request.k, width, filt)
+            yield ReasoningDone(items=items, reasoning_tokens=len(generated))
+        except (GeneratorExit, asyncio.CancelledError):
+            # The consumer went away (client disconnect): stop the generation in the engine now.
+            self.counters["reasoning_cancelled"] += 1
+            if not finished:
+                self.aborted.append(vllm_id)
+                if stream is not None:
+                    await stream.aclose()  # generate() aborts its request when closed mid-stream
+                await llm.abort(vllm_id)
+            raise
+        finally:
+            self._inflight -= 1
+            self._reasoning_active -= 1
+
