@@ -47,7 +47,7 @@ _BODY_METHODS = {"POST", "PUT", "PATCH"}
 
 
 # ------------------------------------------------------------------ logging
-_STD_ATTRS = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
+_STD_ATTRS = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime", "color_message"}
 
 
 class JsonFormatter(logging.Formatter):

@@ -1,0 +1,62 @@
+"""The in-process engine on its own: micro-batching, batch-invariant answers, DESIGN.md scoring, and a
+shutdown that never leaves a caller waiting."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import numpy as np
+import pytest
+
+from model_store.tokens import direct_prompt
+from service.engine.base import EngineRequest, EngineUnavailable
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+
+def request(bundle: Any, history: tuple[int, ...], rid: str, k: int = 5, **kw: Any) -> EngineRequest:
+    return EngineRequest(rid, direct_prompt([bundle.spelled_id(i) for i in history]), k=k, **kw)
+
+
+async def test_concurrent_requests_are_batched_with_identical_answers(gw_engine: Any, gw_bundle: Any) -> None:
+    histories = [(i, i + 1, i + 2) for i in range(0, 48, 3)]
+    alone = [await gw_engine.recommend(request(gw_bundle, h, f"a{n}")) for n, h in enumerate(histories)]
+    sizes: list[int] = []
+    gw_engine.on_batch, previous = sizes.append, gw_engine.on_batch
+    try:
+        together = await asyncio.gather(*[gw_engine.recommend(request(gw_bundle, h, f"b{n}"))
+                                          for n, h in enumerate(histories)])
+    finally:
+        gw_engine.on_batch = previous
+    assert max(sizes) > 1 and sum(sizes) == len(histories)
+    for one, batched in zip(alone, together):
+        assert [i.index for i in one] == [i.index for i in batched]
+        assert np.allclose([i.score for i in one], [i.score for i in batched], atol=1e-4)
+
+
+async def test_scores_are_summed_raw_log_probabilities(gw_engine: Any, gw_bundle: Any) -> None:
+    from service.engine.hf_decoder import exhaustive_scores
+
+    req = request(gw_bundle, (7, 8, 9), "score-1", k=3)
+    items = await gw_engine.recommend(req)
+    # Teacher-forced scores of just the returned items (one forward each).
+    exact = exhaustive_scores(gw_engine.model, gw_engine.tokenizer, req.prompt,
+                              gw_bundle.codes[[i.index for i in items]], gw_engine.decoder.search.code_token,
+                              gw_bundle.id_format)
+    assert np.allclose([i.score for i in items], exact, atol=1e-3)
+
+
+async def test_close_fails_waiting_callers_instead_of_hanging(gw_bundle: Any) -> None:
+    from service.engine.transformers_engine import TransformersEngine
+
+    engine = TransformersEngine(gw_bundle, max_batch=2, batch_wait_ms=0, torch_threads=1)
+    await engine.start()
+    calls = [asyncio.create_task(engine.recommend(request(gw_bundle, (i,), f"c{i}"))) for i in range(20)]
+    await asyncio.sleep(0)  # let them queue
+    await engine.close()
+    done = await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), timeout=10)
+    assert all(isinstance(r, (list, EngineUnavailable)) for r in done), done
+    assert any(isinstance(r, EngineUnavailable) for r in done)
+    with pytest.raises(EngineUnavailable):
+        await engine.recommend(request(gw_bundle, (1,), "after"))
