@@ -108,8 +108,7 @@ def read_catalog(path: str | Path) -> list[Item]:
 
 def write_catalog(items: Iterable[Item], path: str | Path) -> None:
     with Path(path).open("w", encoding="utf-8") as fh:
-        for item in items:
-            fh.write(item.to_json() + "\n")
+        fh.writelines(item.to_json() + "\n" for item in items)
 
 
 def fused_text(item: Item, fields: Sequence[str] = TEXT_FIELDS, max_chars: int = 1000) -> str:

@@ -199,15 +199,15 @@ def id_stats(codes: np.ndarray, id_format: IdFormat) -> dict:
     base = codes[:, :-1]
     _, counts = np.unique(base, axis=0, return_counts=True)
     return {
-        "items": int(len(codes)),
-        "unique_ids": int(len(np.unique(codes, axis=0))),
+        "items": len(codes),
+        "unique_ids": len(np.unique(codes, axis=0)),
         "levels": id_format.levels,
         "codebook_size": id_format.codebook_size,
         "dedup_size": id_format.dedup_size,
         "collisions_before_dedup": int(counts[counts > 1].sum() - (counts > 1).sum()),
         "collision_rate_before_dedup": float((counts[counts > 1].sum() - (counts > 1).sum()) / len(codes)),
         "max_dedup_depth": int(codes[:, -1].max()) + 1,
-        "codebook_usage": [int(len(np.unique(base[:, lv]))) / id_format.codebook_size
+        "codebook_usage": [len(np.unique(base[:, lv])) / id_format.codebook_size
                            for lv in range(id_format.levels)],
     }
 

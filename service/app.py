@@ -234,11 +234,13 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None,
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         from model_store.bundle import load_bundle
+        from model_store.registry import resolve_bundle_dir
         from service.engine.factory import create_engine
 
         bundle = getattr(engine, "bundle", None) if engine is not None else None
         if bundle is None:
-            bundle = await asyncio.to_thread(load_bundle, settings.bundle)
+            # A bundle folder, or a registry root whose `current` version is served.
+            bundle = await asyncio.to_thread(lambda: load_bundle(resolve_bundle_dir(settings.bundle)))
         app.state.bundle = bundle
         store = history_store or create_history_store(settings, on_error=lambda op: metrics.redis_errors.labels(op).inc())
         await store.connect()

@@ -131,6 +131,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "bundle": args.bundle, "host": args.host, "port": args.port, "engine": args.engine,
         "engine_urls": args.engine_url or None, "redis_url": args.redis_url,
         "api_keys": args.api_key or None, "demo_page": args.demo_page or None,
+        "engine_worker": args.engine_worker or None,
     }.items() if v is not None}
     serve(overrides)
     return 0
@@ -200,14 +201,16 @@ def build_parser() -> argparse.ArgumentParser:
     reg.set_defaults(func=cmd_registry)
 
     serve = sub.add_parser("serve", help="run the HTTP gateway")
-    serve.add_argument("--bundle", default=None)
+    serve.add_argument("--bundle", default=None, help="bundle folder or registry root (serves `current`)")
     serve.add_argument("--host", default=None)
     serve.add_argument("--port", type=int, default=None)
     serve.add_argument("--engine", choices=["transformers", "vllm"], default=None)
     serve.add_argument("--engine-url", action="append", help="route to a remote engine worker (repeatable)")
     serve.add_argument("--redis-url", default=None)
     serve.add_argument("--api-key", action="append", help="require this bearer key (repeatable)")
-    serve.add_argument("--demo-page", action="store_true", default=None)
+    serve.add_argument("--demo-page", action="store_true", default=None, help="serve the browser demo at /demo")
+    serve.add_argument("--engine-worker", action="store_true", default=None,
+                       help="also serve /internal/engine/* so gateways can route to this process")
     serve.set_defaults(func=cmd_serve)
 
     from training.cli import add_training_commands

@@ -38,13 +38,13 @@ def build_scratch_model(cfg: ScratchConfig, tokenizer: Any) -> Any:
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(cfg.seed)
-    common = dict(
-        vocab_size=len(tokenizer), hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
-        num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
-        intermediate_size=cfg.intermediate_size, max_position_embeddings=cfg.max_positions,
-        tie_word_embeddings=cfg.tie_embeddings, pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-    )
+    common = {
+        "vocab_size": len(tokenizer), "hidden_size": cfg.hidden_size, "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.num_kv_heads,
+        "intermediate_size": cfg.intermediate_size, "max_position_embeddings": cfg.max_positions,
+        "tie_word_embeddings": cfg.tie_embeddings, "pad_token_id": tokenizer.pad_token_id,
+        "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+    }
     if cfg.arch == "llama":
         return LlamaForCausalLM(LlamaConfig(**common))
     if cfg.arch == "qwen2":

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from collections import Counter, defaultdict
 from collections.abc import Sequence
+from itertools import pairwise
 from typing import Any
 
 import numpy as np
@@ -47,7 +48,7 @@ class TransitionBaseline:
     def __init__(self, train: dict[str, list[str]]):
         self.next: dict[str, Counter[str]] = defaultdict(Counter)
         for seq in train.values():
-            for a, b in zip(seq, seq[1:]):
+            for a, b in pairwise(seq):
                 self.next[a][b] += 1
         self.popular = popularity_ranking(train, 200)
 

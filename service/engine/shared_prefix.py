@@ -31,9 +31,7 @@ def supports_shared_prefix(model: Any) -> bool:
         return False
     if cfg.model_type == "qwen2" and getattr(cfg, "use_sliding_window", False):
         return False
-    if cfg.model_type == "mistral" and getattr(cfg, "sliding_window", None):
-        return False
-    return True
+    return not (cfg.model_type == "mistral" and getattr(cfg, "sliding_window", None))
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

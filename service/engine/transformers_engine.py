@@ -1,4 +1,4 @@
-"""In-process PyTorch engine: HFTrieDecoder behind an asyncio micro-batcher.
+"""In-process PyTorch engine: the fastest HF decoder for the model (shared_prefix.make_decoder) behind an asyncio micro-batcher.
 
 All model and tokenizer work runs on ONE worker thread, so the event loop never blocks and torch
 never runs two forwards at once on this CPU. Top-k requests wait in a bounded queue (full ->
@@ -45,6 +45,7 @@ from service.engine.base import (
 )
 from service.engine.beam import beam_widths
 from service.engine.hf_decoder import HFTrieDecoder
+from service.engine.shared_prefix import make_decoder
 
 log = logging.getLogger("gream.engine")
 
@@ -182,7 +183,7 @@ class TransformersEngine(Engine):
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.bundle.tokenizer_path), local_files_only=True)
         self.model = load_bundle_model(self.bundle.model_path, dtype=self.dtype)
         code_ids = id_token_ids(self.tokenizer, self.bundle.id_format)
-        self.decoder = HFTrieDecoder(self.model, self.tokenizer, self.bundle.trie, code_ids)
+        self.decoder = make_decoder(self.model, self.tokenizer, self.bundle.trie, code_ids)
         self._think_end = int(self.tokenizer.convert_tokens_to_ids(THINK_END))
         self._suffix_ids = self._encode(reasoning_answer_suffix())
         self._max_positions = int(getattr(self.model.config, "max_position_embeddings", 4096))
