@@ -178,6 +178,85 @@ def titles_history_prompt(titles: Sequence[str]) -> str:
     return f"{PREAMBLE}{HISTORY_START}{' | '.join(titles)}{HISTORY_END}{ANSWER}"
 
 
+# --------------------------------------------------------------------------------------------------
+# Reasoning curriculum (training/curriculum.py): the five stages' section labels and phrasings
+# --------------------------------------------------------------------------------------------------
+
+# Stage keys in the order the curriculum introduces them; each stage adds one section to the reasoning.
+REASONING_STAGES: tuple[str, ...] = ("evidence", "preference", "intent", "recommendation", "rewrite")
+REASONING_LABELS: dict[str, str] = {
+    "evidence": "Evidence:",
+    "preference": "Preference:",
+    "intent": "Intent:",
+    "recommendation": "Recommendation:",
+    "rewrite": "Denoised history:",
+}
+
+
+def reasoning_section(stage: str, text: str) -> str:
+    return f"{REASONING_LABELS[stage]} {text}"
+
+
+def reasoning_text(sections: Sequence[tuple[str, str]]) -> str:
+    """The reasoning body (between THINK_START and THINK_END): one labelled line per stage."""
+    return "\n".join(reasoning_section(stage, text) for stage, text in sections)
+
+
+def evidence_phrase(recent_titles: Sequence[str], brands: Sequence[tuple[str, int]],
+                    themes: Sequence[tuple[str, int]]) -> str:
+    parts = [f"recent items: {'; '.join(recent_titles)}."]
+    if brands:
+        parts.append("repeated brands: " + ", ".join(f"{b} ({n})" for b, n in brands) + ".")
+    if themes:
+        parts.append("repeated themes: " + ", ".join(f"{t} ({n})" for t, n in themes) + ".")
+    return " ".join(parts)
+
+
+def preference_phrase(theme: str, brand: str | None, loyal: bool) -> str:
+    text = f"the user mostly buys {theme}"
+    if brand:
+        text += f" and {'sticks to' if loyal else 'has tried'} the brand {brand}"
+    return text + "."
+
+
+def intent_phrase(theme: str, after_theme: str, continues: bool) -> str:
+    if continues:
+        return f"after {after_theme} the user is likely to continue with {theme}."
+    return f"after {after_theme} the user is likely to move on to {theme}."
+
+
+def recommendation_phrase(theme: str, brand: str | None) -> str:
+    text = f"recommend one item of {theme}"
+    if brand:
+        text += f", preferably by {brand}"
+    return text + "."
+
+
+def rewrite_phrase(spelled_ids: Sequence[str]) -> str:
+    """The history with off-intent items removed, as IDs, oldest first."""
+    return "".join(spelled_ids) if spelled_ids else "none"
+
+
+def reasoning_completion(reasoning: str, spelled_id: str) -> str:
+    """What a reasoning-mode training example completes after `reasoning_prompt`."""
+    return f"{reasoning}{reasoning_answer_suffix()}{spelled_id}"
+
+
+TEACHER_SYSTEM_PROMPT = (
+    "You explain purchase decisions for a recommender. Write exactly these labelled lines, one "
+    "sentence each: Evidence:, Preference:, Intent:, Recommendation:. Base them on the purchase history. "
+    "Never name, quote or identify the hidden next item; describe only the kind of item needed."
+)
+
+
+def teacher_user_prompt(history_titles: Sequence[str], target_title: str, stages: Sequence[str]) -> str:
+    """Prompt to an optional teacher LLM (--teacher-url); the next item is given only as a hint."""
+    lines = "\n".join(f"{i + 1}. {t}" for i, t in enumerate(history_titles))
+    labels = ", ".join(REASONING_LABELS[s] for s in stages)
+    return (f"Purchase history, oldest first:\n{lines}\nHidden next item (do not mention it): {target_title}\n"
+            f"Write only these lines: {labels}")
+
+
 PROMPT_SETTINGS: dict[str, Any] = {
     "version": PROMPT_FORMAT_VERSION,
     "preamble": PREAMBLE,

@@ -21,6 +21,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -242,6 +243,9 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None,
             # A bundle folder, or a registry root whose `current` version is served.
             bundle = await asyncio.to_thread(lambda: load_bundle(resolve_bundle_dir(settings.bundle)))
         app.state.bundle = bundle
+        from service.search import TitleIndex
+
+        app.state.search = await asyncio.to_thread(TitleIndex.from_bundle, bundle)
         store = history_store or create_history_store(settings, on_error=lambda op: metrics.redis_errors.labels(op).inc())
         await store.connect()
         app.state.history = store
@@ -274,16 +278,40 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None,
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.bundle = app.state.engine = app.state.history = app.state.recommender = None
+    app.state.search = None
     app.state.starting = True
     _install_error_handlers(app)
     for module in (recommendations, users, items, health):
         app.include_router(module.router)
+    app.include_router(recommendations.eventsource_router)
     if settings.engine_worker:
         from service.engine.remote import worker_router
 
         app.include_router(worker_router(dependencies=[require_api_key]))
+    if settings.demo_page:
+        _mount_demo_page(app)
     app.add_middleware(GatewayMiddleware, settings=settings, metrics=metrics)
     return app
+
+
+_STATIC_DIR = Path(__file__).resolve().parent / "static"
+# The demo page loads nothing from elsewhere (these machines have no internet, and it handles an API key).
+_DEMO_HEADERS = {"Content-Security-Policy": "default-src 'self'; img-src 'self' data:; object-src 'none'; "
+                                           "base-uri 'none'; frame-ancestors 'none'",
+                 "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer", "Cache-Control": "no-cache"}
+
+
+def _mount_demo_page(app: FastAPI) -> None:
+    """The browser demo at /demo (settings.demo_page): static HTML, CSS and JavaScript, no build step.
+    Its assets are referenced relative to the page, so it also works behind a path prefix."""
+    from fastapi.responses import FileResponse
+    from fastapi.staticfiles import StaticFiles
+
+    @app.get("/demo", include_in_schema=False)
+    async def demo_page() -> FileResponse:
+        return FileResponse(_STATIC_DIR / "demo.html", media_type="text/html", headers=_DEMO_HEADERS)
+
+    app.mount("/demo/assets", StaticFiles(directory=_STATIC_DIR), name="demo-assets")
 
 
 def serve(overrides: dict[str, Any] | None = None) -> None:

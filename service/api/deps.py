@@ -7,7 +7,7 @@ import hmac
 from collections.abc import Sequence
 from typing import Annotated, Any
 
-from fastapi import Depends, Request
+from fastapi import Depends, Query, Request
 
 from model_store.bundle import Bundle
 from service.config import Settings
@@ -15,6 +15,7 @@ from service.engine.base import Engine
 from service.history import HistoryStore
 from service.metrics import Metrics
 from service.recommender import Recommender
+from service.search import TitleIndex
 
 
 class ApiError(Exception):
@@ -66,6 +67,10 @@ def get_recommender(request: Request) -> Recommender:
     return _state(request, "recommender")  # type: ignore[no-any-return]
 
 
+def get_search(request: Request) -> TitleIndex:
+    return _state(request, "search")  # type: ignore[no-any-return]
+
+
 def get_metrics(request: Request) -> Metrics:
     return request.app.state.metrics  # type: ignore[no-any-return]
 
@@ -85,6 +90,28 @@ def require_api_key(request: Request) -> None:
     if token is None:
         raise ApiError(401, "unauthorized", "missing bearer token: send 'Authorization: Bearer <key>'",
                        headers={"WWW-Authenticate": "Bearer"})
+    _check_key(keys, token)
+
+
+def require_api_key_or_query(
+        request: Request,
+        api_key: Annotated[str | None, Query(description="the API key, for clients that cannot set headers "
+                                                         "(the browser's EventSource); prefer the "
+                                                         "Authorization header; never logged")] = None) -> None:
+    """Bearer auth that also accepts `?api_key=`, for the GET stream route only (EventSource can
+    neither POST nor set headers). The header wins when both are sent. The gateway's access log
+    records the path without the query string, so the key is never logged."""
+    keys: list[str] = get_settings(request).api_keys
+    if not keys:
+        return
+    token = _bearer(request) or (api_key.strip() if api_key and api_key.strip() else None)
+    if token is None:
+        raise ApiError(401, "unauthorized", "missing API key: send 'Authorization: Bearer <key>' or, for "
+                       "EventSource clients, the api_key query parameter", headers={"WWW-Authenticate": "Bearer"})
+    _check_key(keys, token)
+
+
+def _check_key(keys: list[str], token: str) -> None:
     supplied = token.encode()
     # No short-circuit: the time taken does not reveal which key (if any) almost matched.
     matched = False
@@ -100,4 +127,5 @@ EngineDep = Annotated[Engine, Depends(get_engine)]
 StoreDep = Annotated[HistoryStore, Depends(get_store)]
 RecommenderDep = Annotated[Recommender, Depends(get_recommender)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
+SearchDep = Annotated[TitleIndex, Depends(get_search)]
 RequestIdDep = Annotated[str, Depends(request_id)]

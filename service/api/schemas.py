@@ -119,6 +119,13 @@ class ItemResponse(BaseModel):
     model_version: str
 
 
+class ItemSearchResponse(BaseModel):
+    query: str
+    total: int = Field(description="items matching every word (the response holds at most `limit`)")
+    items: list[ItemResponse] = Field(description="best first: whole-word matches, earlier in the title, "
+                                                  "then more popular")
+
+
 # ------------------------------------------------------------------ health
 class Health(BaseModel):
     status: Literal["ok"] = "ok"

@@ -6,10 +6,11 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Annotated, Any
 
 import anyio
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Query
+from pydantic import ValidationError
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
@@ -20,6 +21,7 @@ from service.api.deps import (
     SettingsDep,
     field_errors,
     require_api_key,
+    require_api_key_or_query,
 )
 from service.api.schemas import (
     ErrorBody,
@@ -28,14 +30,20 @@ from service.api.schemas import (
     RecommendationResponse,
     StreamRecommendationRequest,
 )
+from service.config import Settings
 from service.engine.base import EngineOverloaded, EngineUnavailable, ReasoningDelta
 from service.metrics import Metrics
-from service.recommender import Plan, Query, RecommendedItem, Result, StreamDone
+from service.recommender import Plan, RecommendedItem, Recommender, Result, StreamDone
+from service.recommender import Query as RecQuery
 
 log = logging.getLogger("gream.api")
 
 router = APIRouter(prefix="/v1/recommendations", tags=["recommendations"],
                    dependencies=[Depends(require_api_key)])
+# GET /v1/recommendations/stream, for the browser's EventSource: the only route that also takes the API key
+# as a query parameter, since EventSource can neither POST nor set headers.
+eventsource_router = APIRouter(prefix="/v1/recommendations", tags=["recommendations"],
+                               dependencies=[Depends(require_api_key_or_query)])
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorBody, "description": "missing or invalid API key"},
@@ -46,8 +54,8 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-def to_query(body: RecommendationRequest) -> Query:
-    return Query(user_id=body.user_id, history=body.history, k=body.k, exclude_seen=body.exclude_seen,
+def to_query(body: RecommendationRequest) -> RecQuery:
+    return RecQuery(user_id=body.user_id, history=body.history, k=body.k, exclude_seen=body.exclude_seen,
                  exclude_items=body.exclude_items, allow_items=body.allow_items)
 
 
@@ -126,13 +134,21 @@ async def event_frames(plan: Plan, first: ReasoningDelta | StreamDone | None,
         await events.aclose()  # type: ignore[attr-defined]
 
 
-@router.post("/stream", response_class=EventStreamResponse, responses={
+STREAM_RESPONSES: dict[int | str, dict[str, Any]] = {
     **ERRORS, 200: {"content": {"text/event-stream": {}},
                     "description": "events: reasoning {delta}*, items {items}, done {request_id, "
-                                   "reasoning_tokens, latency_ms}; error {code, message} on failure"}},
-    summary="Stream the model's reasoning, then the items (server-sent events)")
+                                   "reasoning_tokens, latency_ms}; error {code, message} on failure"}}
+
+
+@router.post("/stream", response_class=EventStreamResponse, responses=STREAM_RESPONSES,
+             summary="Stream the model's reasoning, then the items (server-sent events)")
 async def recommend_stream(body: StreamRecommendationRequest, settings: SettingsDep,
                            recommender: RecommenderDep, metrics: MetricsDep, rid: RequestIdDep) -> EventStreamResponse:
+    return await open_stream(body, settings, recommender, metrics, rid)
+
+
+async def open_stream(body: StreamRecommendationRequest, settings: Settings, recommender: Recommender,
+                      metrics: Metrics, rid: str) -> EventStreamResponse:
     problems = body.limit_errors(settings)
     if problems:
         raise field_errors(problems)
@@ -147,3 +163,45 @@ async def recommend_stream(body: StreamRecommendationRequest, settings: Settings
         raise
     return EventStreamResponse(event_frames(plan, first, events, metrics),
                                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def split_ids(values: list[str] | None, known: dict[str, int]) -> list[str] | None:
+    """Item ids from repeated and/or comma-separated query values. A value that is itself a catalog id
+    is kept whole, so ids that contain commas still work when sent one per parameter."""
+    if values is None:
+        return None
+    out: list[str] = []
+    for value in values:
+        if value in known:
+            out.append(value)
+        else:
+            out.extend(part.strip() for part in value.split(",") if part.strip())
+    return out
+
+
+@eventsource_router.get(
+    "/stream", response_class=EventStreamResponse, responses=STREAM_RESPONSES,
+    summary="The stream for EventSource clients: the same events, the request as query parameters",
+    description="`history` may be repeated (`history=a&history=b`) or comma-separated (`history=a,b`); "
+                "`history=` (empty) means an empty history. When API keys are configured, the key may be sent "
+                "as `api_key` (this route only; it is never logged). EventSource reconnects when a stream "
+                "ends, so close it on `done` or `error`; its own connection failures also arrive as `error` "
+                "events, without `data`.")
+async def recommend_stream_get(
+        settings: SettingsDep, recommender: RecommenderDep, metrics: MetricsDep, rid: RequestIdDep,
+        user_id: Annotated[str | None, Query(description="whose cached history to use when `history` is absent")
+                           ] = None,
+        history: Annotated[list[str] | None, Query(description="item ids, oldest first; overrides the cache")
+                           ] = None,
+        k: Annotated[int, Query(ge=1, description="number of items (1..max_k)")] = 10,
+        exclude_seen: Annotated[bool, Query(description="never return items of the history")] = True,
+        max_reasoning_tokens: Annotated[int | None, Query(ge=1, description="reasoning budget")] = None,
+) -> EventStreamResponse:
+    fields = {"user_id": user_id, "history": split_ids(history, recommender.bundle.index_of), "k": k,
+              "exclude_seen": exclude_seen, "max_reasoning_tokens": max_reasoning_tokens}
+    try:
+        body = StreamRecommendationRequest(**fields)
+    except ValidationError as exc:
+        raise field_errors([("query." + str(err["loc"][0]) if err.get("loc") else "query", err["msg"])
+                            for err in exc.errors()]) from None
+    return await open_stream(body, settings, recommender, metrics, rid)

@@ -1,0 +1,246 @@
+"""The reasoning curriculum: synthetic chains of thought in five stages, built from the data itself.
+
+For a training window (history -> target) the reasoning has up to five labelled sections, introduced
+one stage at a time (stage s trains on sections 1..s):
+
+1. behavioural evidence extraction: the recent items, brands and themes that repeat in the history;
+2. latent preference modelling: the theme (and brand) the user keeps returning to;
+3. intent inference: what the user needs next, after the last item's theme;
+4. recommendation formulation: the kind of item to recommend;
+5. denoised sequence rewriting: the history with off-intent items removed (a subsequence, as IDs).
+
+Everything comes from the catalog and the training interactions: an item's *theme* is its category
+when the catalog has one, else a label of its first semantic-ID code made of the words that set that
+cluster's titles apart (Amazon Industrial has no categories); theme-to-theme transitions are counted
+on the training sequences. The target item itself never appears in the reasoning (not its ID, not its
+title); windows where it cannot be kept out (target inside the history) are skipped. Only the answer
+after THINK_END names it.
+
+An optional teacher (`TeacherClient`, any OpenAI-compatible chat endpoint) can write sections 1-4
+instead of the templates; its text is checked for leaks like the templates' and replaced by the
+templates when it fails. The offline templates are the default. All wording lives in model_store.tokens.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import re
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from model_store import tokens
+from model_store.bundle import Bundle
+from training.data import next_item_windows
+from training.tasks import Example, short_title
+
+STAGES = tokens.REASONING_STAGES
+_WORD = re.compile(r"[A-Za-z][A-Za-z\-]{2,}")
+_STOP = frozenset("""
+the and for with from pack inch inches count set pcs piece pieces new high low mm cm ft lb lbs oz size
+black white blue red green yellow silver clear grey gray large small medium mini heavy duty premium
+quality professional industrial standard type model series style use kit per each one two three four
+five six ten x-large assorted replacement compatible various made usa""".split())
+
+
+def _theme_words(title: str) -> list[str]:
+    return [w.lower() for w in _WORD.findall(title) if w.lower() not in _STOP]
+
+
+class ThemeIndex:
+    """Per item: a short theme label (category, else first-code cluster label); theme transitions."""
+
+    def __init__(self, bundle: Bundle, sequences: dict[str, list[str]] | None = None, label_words: int = 2):
+        self.bundle = bundle
+        items = bundle.items
+        if any(it.categories for it in items):
+            self.theme_of = [(it.categories.split(" > ")[-1] if it.categories else "other items").lower()
+                             for it in items]
+        else:
+            self.theme_of = self._cluster_labels(bundle, label_words)
+        self.transitions: dict[str, Counter[str]] = defaultdict(Counter)
+        for seq in (sequences or {}).values():
+            idx = [bundle.index_of[i] for i in seq if i in bundle.index_of]
+            for a, b in zip(idx, idx[1:], strict=False):
+                self.transitions[self.theme_of[a]][self.theme_of[b]] += 1
+
+    @staticmethod
+    def _cluster_labels(bundle: Bundle, label_words: int) -> list[str]:
+        first = [int(c) for c in bundle.codes[:, 0]]
+        words_by_cluster: dict[int, Counter[str]] = defaultdict(Counter)
+        for i, it in enumerate(bundle.items):
+            words_by_cluster[first[i]].update(set(_theme_words(it.title)))
+        df = Counter(w for counts in words_by_cluster.values() for w in counts)
+        n_clusters = max(1, len(words_by_cluster))
+        label: dict[int, str] = {}
+        for cluster, counts in words_by_cluster.items():
+            # Frequent in the cluster, rare across clusters (tf-idf over clusters).
+            scored = sorted(counts, key=lambda w: (-counts[w] * math.log(1 + n_clusters / df[w]), w))
+            label[cluster] = " ".join(scored[:label_words]) or f"group {cluster}"
+        return [f"{label[first[i]]} items" for i in range(len(bundle.items))]
+
+    def related(self, a: str, b: str, min_count: int = 2) -> bool:
+        return a == b or self.transitions[a][b] >= min_count
+
+
+@dataclass(frozen=True)
+class CurriculumConfig:
+    max_history: int = 10
+    recent_items: int = 3
+    title_words: int = 6
+    min_transition: int = 2  # theme transitions seen this often make a history item "on intent"
+    max_examples: int | None = None  # per stage; None uses every training window
+    seed: int = 0
+
+
+def build_sections(themes: ThemeIndex, history: Sequence[int], target: int, cfg: CurriculumConfig,
+                   stages: int = len(STAGES)) -> list[tuple[str, str]] | None:
+    """The first `stages` reasoning sections for one window of item indices; None when the target
+    cannot be kept out of the reasoning (it is in the history, or shares a shown title)."""
+    bundle = themes.bundle
+    if not history or target in history:
+        return None
+    items = bundle.items
+    hist_themes = [themes.theme_of[i] for i in history]
+    target_theme = themes.theme_of[target]
+    # Recency-weighted counts: later items count more, so preference follows the user's drift.
+    weight = Counter()
+    for pos, theme in enumerate(hist_themes):
+        weight[theme] += 1 + pos / len(hist_themes)
+    brands = Counter(items[i].brand for i in history if items[i].brand)
+    theme_counts = Counter(hist_themes)
+    recent = [short_title(items[i].title, cfg.title_words) for i in history[-cfg.recent_items:]]
+    top_theme = max(weight, key=lambda t: (weight[t], t))
+    top_brand, top_brand_n = (brands.most_common(1)[0] if brands else (None, 0))
+    target_brand = items[target].brand if items[target].brand and brands[items[target].brand] else None
+    sections: list[tuple[str, str]] = [
+        ("evidence", tokens.evidence_phrase(recent, [(b, n) for b, n in brands.most_common(2) if n > 1],
+                                            [(t, n) for t, n in theme_counts.most_common(2) if n > 1])),
+        ("preference", tokens.preference_phrase(top_theme, top_brand, top_brand_n > 1)),
+        ("intent", tokens.intent_phrase(target_theme, hist_themes[-1], target_theme == hist_themes[-1])),
+        ("recommendation", tokens.recommendation_phrase(target_theme, target_brand)),
+    ]
+    kept = [i for i, t in zip(history, hist_themes, strict=True)
+            if themes.related(t, target_theme, cfg.min_transition)] or [history[-1]]
+    sections.append(("rewrite", tokens.rewrite_phrase([bundle.spelled_id(i) for i in kept])))
+    sections = sections[:stages]
+    if leaks(tokens.reasoning_text(sections), bundle, target):
+        return None
+    return sections
+
+
+def leaks(reasoning: str, bundle: Bundle, target: int, title_words: int = 6) -> bool:
+    """True when the reasoning names the target: its ID, or the start of its title."""
+    if bundle.spelled_id(target) in reasoning:
+        return True
+    title = short_title(bundle.items[target].title, title_words)
+    return len(title) >= 8 and title.lower() in reasoning.lower()
+
+
+def denoised_subsequence(bundle: Bundle, sections: Sequence[tuple[str, str]]) -> list[int]:
+    """Item indices named by the rewrite section (for checks): parsed back from the spelled IDs."""
+    text = dict(sections).get("rewrite", "")
+    depth = bundle.id_format.depth
+    found = re.findall(r"<[a-j]_[0-9]+>", text)
+    out = []
+    for start in range(0, len(found) - depth + 1, depth):
+        item = bundle.trie.item_at(bundle.id_format.parse("".join(found[start: start + depth])))
+        if item is not None:
+            out.append(item)
+    return out
+
+
+class TeacherClient:
+    """Sections 1-4 written by an OpenAI-compatible chat endpoint (`POST {url}/chat/completions`)."""
+
+    def __init__(self, url: str, model: str = "default", api_key: str | None = None, timeout: float = 60.0,
+                 max_tokens: int = 256):
+        import httpx
+
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.client = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout)
+        self.model = model
+        self.max_tokens = max_tokens
+        self.failures = 0
+
+    def sections(self, history_titles: Sequence[str], target_title: str, stages: Sequence[str]
+                 ) -> dict[str, str] | None:
+        body = {"model": self.model, "temperature": 0.3, "max_tokens": self.max_tokens, "messages": [
+            {"role": "system", "content": tokens.TEACHER_SYSTEM_PROMPT},
+            {"role": "user", "content": tokens.teacher_user_prompt(history_titles, target_title, stages)},
+        ]}
+        try:
+            resp = self.client.post("/chat/completions", json=body)
+            resp.raise_for_status()
+            text = resp.json()["choices"][0]["message"]["content"]
+        except Exception:  # noqa: BLE001 - any endpoint failure falls back to the templates
+            self.failures += 1
+            return None
+        out = {}
+        for line in text.splitlines():
+            for stage in stages:
+                label = tokens.REASONING_LABELS[stage]
+                if line.strip().startswith(label):
+                    out[stage] = " ".join(line.strip()[len(label):].split())[:300]
+        return out if all(out.get(s) for s in stages) else None
+
+
+def curriculum_windows(bundle: Bundle, sequences: dict[str, list[str]], cfg: CurriculumConfig
+                       ) -> list[tuple[list[int], int]]:
+    """(history indices, target index) windows of the training sequences, subsampled if configured."""
+    windows = []
+    for seq in sequences.values():
+        idx = [bundle.index_of[i] for i in seq if i in bundle.index_of]
+        windows += next_item_windows(idx, cfg.max_history)
+    if cfg.max_examples and len(windows) > cfg.max_examples:
+        windows = random.Random(cfg.seed).sample(windows, cfg.max_examples)
+    return windows
+
+
+def curriculum_examples(bundle: Bundle, sequences: dict[str, list[str]], stages: int,
+                        cfg: CurriculumConfig | None = None, themes: ThemeIndex | None = None,
+                        teacher: TeacherClient | None = None) -> list[Example]:
+    """Reasoning-mode examples whose reasoning holds the first `stages` sections."""
+    cfg = cfg or CurriculumConfig()
+    themes = themes or ThemeIndex(bundle, sequences)
+    out = []
+    windows = curriculum_windows(bundle, sequences, CurriculumConfig(**{**cfg.__dict__, "seed": cfg.seed + stages}))
+    for history, target in tqdm(windows, desc=f"curriculum stage {stages}", unit="ex", leave=False,
+                                disable=len(windows) < 5000):
+        sections = build_sections(themes, history, target, cfg, stages)
+        if sections is None:
+            continue
+        if teacher is not None:
+            wanted = [s for s, _ in sections if s != "rewrite"]
+            written = teacher.sections([bundle.items[i].title for i in history], bundle.items[target].title, wanted)
+            if written:
+                candidate = [(s, written.get(s, text)) for s, text in sections]
+                if not leaks(tokens.reasoning_text(candidate), bundle, target):
+                    sections = candidate
+        spelled = [bundle.spelled_id(i) for i in history]
+        out.append(Example(tokens.reasoning_prompt(spelled),
+                           tokens.reasoning_completion(tokens.reasoning_text(sections), bundle.spelled_id(target)),
+                           f"reason_{stages}"))
+    return out
+
+
+def tokenizer_corpus(bundle: Bundle, sequences: dict[str, list[str]], n: int = 400, seed: int = 0) -> list[str]:
+    """Sample reasoning texts (without IDs) so a catalog-trained tokenizer learns the template words."""
+    themes = ThemeIndex(bundle, sequences)
+    cfg = CurriculumConfig(max_examples=n, seed=seed)
+    texts = []
+    for history, target in curriculum_windows(bundle, sequences, cfg):
+        sections = build_sections(themes, history, target, cfg, len(STAGES) - 1)
+        if sections:
+            texts.append(tokens.reasoning_text(sections))
+    return texts
+
+
+def describe(example: Example) -> dict[str, Any]:
+    """Reasoning and answer of a reasoning example (for logs and tests)."""
+    body = example.completion.split(tokens.reasoning_answer_suffix())[0]
+    return {"reasoning": body, "answer": example.completion[len(body) + len(tokens.reasoning_answer_suffix()):]}
