@@ -4,7 +4,8 @@ Rows, each at concurrency 1 and 32:
   (a) reference  `transformers generate(num_beams=10, num_return_sequences=10, max_new_tokens=depth,
                  prefix_allowed_tokens_fn=<dict trie>)`, the decoding in GREAM's and MiniOneRec's code
                  (concurrency 32 = batches of 32 prompts);
-  (b) hf-trie    HFTrieDecoder, our transformers path (concurrency 32 = batches of 32);
+  (b) transformers decoders: HFTrieDecoder and the engine's default (SharedPrefixDecoder for
+      Llama-family models); concurrency 32 = batches of 32;
   (c) vllm       VLLMEngine (AsyncLLM in-process; 32 requests in flight);
   (d) gateway    the HTTP gateway (`python -m service.cli serve`, uvicorn in a subprocess) in front of the
                  faster of (b)/(c) at concurrency 32, driven over real sockets.
@@ -329,14 +330,23 @@ def main(argv: Sequence[str] | None = None) -> int:
                                       ref, prompts, c)
                 rows.append(refs[c])
         if "hf" in engines:
-            dec = HFTrieDecoder(model, tok, bundle.trie, code_tokens)
+            from service.engine.shared_prefix import make_decoder
 
-            def hf(chunk: Sequence[str]) -> list[list[int]]:
-                return [[it.index for it in items] for items in dec.topk(chunk, [K] * len(chunk), [BEAMS] * len(chunk))]
+            # Both transformers decoders: the engine uses make_decoder's choice (shared prefix for
+            # Llama-family models); HFTrieDecoder copies the prompt cache to the beams once.
+            decoders = {"transformers: HFTrieDecoder": HFTrieDecoder(model, tok, bundle.trie, code_tokens)}
+            fastest = make_decoder(model, tok, bundle.trie, code_tokens)
+            if type(fastest) is not HFTrieDecoder:
+                decoders[f"transformers: {type(fastest).__name__} (engine default)"] = fastest
+            for name, dec in decoders.items():
 
-            hf(prompts[:2])
-            for c in concurrencies:
-                rows.append(run_batches("transformers: HFTrieDecoder", hf, prompts, c))
+                def hf(chunk: Sequence[str], dec=dec) -> list[list[int]]:
+                    return [[it.index for it in items]
+                            for items in dec.topk(chunk, [K] * len(chunk), [BEAMS] * len(chunk))]
+
+                hf(prompts[:2])
+                for c in concurrencies:
+                    rows.append(run_batches(name, hf, prompts, c))
         del model
     if "vllm" in engines:
         try:
