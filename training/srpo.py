@@ -117,6 +117,16 @@ class Samples:
     prompt: np.ndarray  # int64 [N] which prompt each sample belongs to
 
 
+def pad_left(prompt_ids: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(p) for p in prompt_ids)
+    ids = torch.full((len(prompt_ids), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompt_ids), width), dtype=torch.long)
+    for i, p in enumerate(prompt_ids):
+        ids[i, width - len(p):] = torch.tensor(list(p), dtype=torch.long)
+        mask[i, width - len(p):] = 1
+    return ids, mask
+
+
 class ConstrainedSampler:
     """Samples complete, valid IDs: at each level only the trie's children of the prefix are allowed."""
 
@@ -126,20 +136,11 @@ class ConstrainedSampler:
         self.code_token = np.asarray(code_token_ids, dtype=np.int64)
         self.pad_id = pad_id
 
-    def _pad_left(self, prompt_ids: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        width = max(len(p) for p in prompt_ids)
-        ids = torch.full((len(prompt_ids), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(prompt_ids), width), dtype=torch.long)
-        for i, p in enumerate(prompt_ids):
-            ids[i, width - len(p):] = torch.tensor(list(p), dtype=torch.long)
-            mask[i, width - len(p):] = 1
-        return ids, mask
-
     @torch.no_grad()
     def sample(self, prompt_ids: Sequence[Sequence[int]], group: int, temperature: float = 1.0,
                generator: torch.Generator | None = None) -> Samples:
         device = next(self.model.parameters()).device
-        ids, mask = self._pad_left(prompt_ids)
+        ids, mask = pad_left(prompt_ids, self.pad_id)
         ids, mask = ids.to(device), mask.to(device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         was_training = self.model.training
@@ -198,8 +199,7 @@ def generate_reasoning(model: Any, tokenizer: Any, prompt_ids: Sequence[Sequence
     think_end = tokenizer.convert_tokens_to_ids(tokens.THINK_END)
     stop = [think_end, tokenizer.eos_token_id]
     answer = tokenizer.convert_tokens_to_ids(tokens.ANSWER)
-    sampler = ConstrainedSampler(model, None, [], tokenizer.pad_token_id or 0)  # type: ignore[arg-type]
-    ids, mask = sampler._pad_left(prompt_ids)
+    ids, mask = pad_left(prompt_ids, tokenizer.pad_token_id or 0)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()

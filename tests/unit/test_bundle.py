@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_tiny_bundle
+from model_store.testing import make_tiny_bundle
 
 from model_store.bundle import (
     FORMAT_VERSION,

@@ -204,4 +204,7 @@ async def recommend_stream_get(
     except ValidationError as exc:
         raise field_errors([("query." + str(err["loc"][0]) if err.get("loc") else "query", err["msg"])
                             for err in exc.errors()]) from None
+    problems = body.limit_errors(settings)
+    if problems:
+        raise field_errors([("query." + name, message) for name, message in problems])
     return await open_stream(body, settings, recommender, metrics, rid)
