@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from model_store.testing import make_tiny_bundle
 
 from model_store.bundle import (
     FORMAT_VERSION,
@@ -23,6 +22,7 @@ from model_store.bundle import (
     verify_bundle,
 )
 from model_store.catalog import Item
+from model_store.testing import make_tiny_bundle
 from model_store.tokens import PROMPT_SETTINGS, IdFormat
 
 FMT = IdFormat(levels=2, codebook_size=4, dedup_size=8)
