@@ -28,11 +28,10 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from locust import FastHttpUser, between, events, tag, task
 from locust.env import Environment
@@ -68,8 +67,8 @@ def _options(parser: Any) -> None:
 
 # ------------------------------------------------------------------ test data
 class Data:
-    histories: list[list[str]] = []
-    item_ids: list[str] = []
+    histories: ClassVar[list[list[str]]] = []
+    item_ids: ClassVar[list[str]] = []
     source = "none"
 
 
@@ -147,8 +146,8 @@ def prepare(environment: Environment) -> None:
         rng2 = random.Random(rng.random())
         histories = [rng2.sample(items, rng2.randint(1, min(10, len(items)))) for _ in range(2000)]
         Data.source = f"random over {len(items)} server-provided item ids"
-    Data.histories = histories
-    Data.item_ids = sorted({i for h in histories for i in h} | set(items))
+    Data.histories[:] = histories
+    Data.item_ids[:] = sorted({i for h in histories for i in h} | set(items))
     log.info("load data: %d histories, %d item ids, from %s", len(histories), len(Data.item_ids), Data.source)
 
 

@@ -25,7 +25,7 @@ class QuantizerConfig:
     dedup_size: int = 256
     seed: int = 0
     balanced: bool = True  # capacity-constrained assignment: fewer collisions, flatter code usage
-    kmeans_n_init: int = 3
+    kmeans_n_init: int = 1  # k-means++ seeding; 3 restarts cost 3x the time for ~no fewer collisions
     kmeans_max_iter: int = 100
 
     @property

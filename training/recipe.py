@@ -168,7 +168,7 @@ def fit_epochs(model: Any, tokenizer: Any, examples: Sequence[Any], batch_size: 
     steps_per_epoch = max(1, math.ceil(len(examples) / batch_size))
     if max_steps:
         epochs = min(epochs, max_steps / steps_per_epoch)
-    if not minutes:
+    if not minutes or epochs * steps_per_epoch <= 10:  # a few steps: the time guard is enough
         return epochs, float("nan")
     sample = random.Random(0).sample(list(examples), min(batch_size, len(examples)))
     batch = _collate(tokenize_examples(tokenizer, sample), tokenizer.pad_token_id or 0)
@@ -317,6 +317,8 @@ def run_recipe(data_dir: str | Path, out: str | Path, config: str | dict[str, An
     stages = [s for s in STAGE_ORDER if s in stages]  # always in recipe order
     seed = int(cfg["seed"])
     torch.manual_seed(seed)
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg["threads"]))
     data_dir, out = Path(data_dir), Path(out)
     items_path = Path(items_path) if items_path else data_dir / "items.jsonl"
     data = InteractionData.load(data_dir)

@@ -1,0 +1,100 @@
+"""The reasoning curriculum: five stages, the target never in the reasoning, denoised subsequences."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from model_store import tokens
+from training.curriculum import (
+    CurriculumConfig,
+    ThemeIndex,
+    build_sections,
+    curriculum_examples,
+    denoised_subsequence,
+    describe,
+)
+
+
+@pytest.fixture(scope="module")
+def bundle_and_sequences(tmp_path_factory: pytest.TempPathFactory):
+    from model_store.bundle import load_bundle
+    from tests.conftest import make_tiny_bundle
+
+    bundle = load_bundle(make_tiny_bundle(tmp_path_factory.mktemp("cur") / "b", n_items=150, with_model=False))
+    rng = np.random.default_rng(0)
+    ids = [it.item_id for it in bundle.items]
+    # Sequences with structure (runs inside one kind) and repeats, so every branch is exercised.
+    seqs = {}
+    for u in range(60):
+        kind = int(rng.integers(8))
+        seq = [ids[(kind + 8 * int(rng.integers(18))) % 150] for _ in range(int(rng.integers(4, 12)))]
+        seq[int(rng.integers(len(seq)))] = ids[int(rng.integers(150))]
+        seqs[f"u{u}"] = seq
+    return bundle, seqs
+
+
+@pytest.mark.parametrize("no_categories", [False, True])
+def test_five_stages_target_never_in_reasoning(bundle_and_sequences, no_categories: bool) -> None:
+    bundle, seqs = bundle_and_sequences
+    if no_categories:  # themes then come from first-code clusters and title words
+        bundle = dataclasses.replace(bundle, items=[dataclasses.replace(it, categories="") for it in bundle.items])
+    examples = curriculum_examples(bundle, seqs, stages=5)
+    assert len(examples) > 50
+    labels = [tokens.REASONING_LABELS[s] for s in tokens.REASONING_STAGES]
+    for ex in examples:
+        parts = describe(ex)
+        reasoning, answer = parts["reasoning"], parts["answer"]
+        assert ex.prompt.endswith(tokens.THINK_START)
+        target = bundle.trie.item_at(bundle.id_format.parse(answer))
+        assert target is not None
+        assert bundle.spelled_id(target) not in reasoning
+        assert bundle.items[target].title not in reasoning
+        lines = reasoning.split("\n")
+        assert [line.split(" ")[0] + (" " + line.split(" ")[1] if line.startswith("Denoised") else "")
+                for line in lines] == labels
+
+
+def test_stages_are_introduced_one_by_one(bundle_and_sequences) -> None:
+    bundle, seqs = bundle_and_sequences
+    for s in range(1, 6):
+        ex = curriculum_examples(bundle, seqs, stages=s)[0]
+        reasoning = describe(ex)["reasoning"]
+        assert len(reasoning.split("\n")) == s
+        assert all(tokens.REASONING_LABELS[st] in reasoning for st in tokens.REASONING_STAGES[:s])
+        assert not any(tokens.REASONING_LABELS[st] in reasoning for st in tokens.REASONING_STAGES[s:])
+
+
+def test_denoised_rewrite_is_subsequence_of_history(bundle_and_sequences) -> None:
+    bundle, seqs = bundle_and_sequences
+    themes = ThemeIndex(bundle, seqs)
+    cfg = CurriculumConfig()
+    checked = removed = 0
+    for seq in seqs.values():
+        idx = [bundle.index_of[i] for i in seq]
+        for t in range(1, len(idx)):
+            history, target = idx[max(0, t - 10): t], idx[t]
+            sections = build_sections(themes, history, target, cfg)
+            if sections is None:
+                assert target in history or not history
+                continue
+            kept = denoised_subsequence(bundle, sections)
+            it = iter(history)
+            assert kept and all(k in it for k in kept)  # order-preserving subsequence
+            checked += 1
+            removed += len(kept) < len(history)
+    assert checked > 50 and removed > 0  # some off-intent items really are removed
+
+
+def test_teacher_failure_falls_back_to_templates(bundle_and_sequences, tmp_path: Path) -> None:
+    from training.curriculum import TeacherClient
+
+    bundle, seqs = bundle_and_sequences
+    teacher = TeacherClient("http://127.0.0.1:9", timeout=0.5)  # nothing listens there
+    few = dict(list(seqs.items())[:3])
+    examples = curriculum_examples(bundle, few, stages=4, teacher=teacher)
+    assert examples and teacher.failures == len(examples)
+    assert all("Evidence:" in e.completion for e in examples)
