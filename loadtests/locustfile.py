@@ -178,6 +178,16 @@ class _GreamUser(FastHttpUser):
     def user_id(self) -> str:
         return f"load-{random.randrange(self.user_pool)}"
 
+    def fail(self, resp: Any) -> None:
+        """Mark a non-2xx as failed; on 429/503 back off for Retry-After like a well-behaved client."""
+        resp.failure(f"HTTP {resp.status_code}: {(resp.text or '')[:200]}")
+        if resp.status_code in (429, 503):
+            try:
+                delay = float((resp.headers or {}).get("Retry-After", 1))
+            except ValueError:
+                delay = 1.0
+            time.sleep(min(max(delay, 0.1), 10.0))
+
     def check_items(self, resp: Any, body: dict[str, Any]) -> None:
         items = body.get("items") or []
         ids = [i["item_id"] for i in items]
@@ -201,7 +211,7 @@ class ProductBackend(_GreamUser):
                               json={"history": history, "k": self.k, "exclude_seen": True},
                               catch_response=True) as resp:
             if resp.status_code != 200:
-                resp.failure(f"HTTP {resp.status_code}: {resp.text[:200]}")
+                self.fail(resp)
                 return
             body = resp.json()
             self.check_items(resp, body)
@@ -216,7 +226,7 @@ class ProductBackend(_GreamUser):
                               headers=self.headers, json={"user_id": self.user_id(), "k": self.k},
                               catch_response=True) as resp:
             if resp.status_code != 200:
-                resp.failure(f"HTTP {resp.status_code}: {resp.text[:200]}")
+                self.fail(resp)
             else:
                 self.check_items(resp, resp.json())
 
@@ -229,7 +239,7 @@ class ProductBackend(_GreamUser):
         with self.client.post(f"/v1/users/{self.user_id()}/events", name="/v1/users/{user_id}/events",
                               headers=self.headers, json={"events": events_}, catch_response=True) as resp:
             if resp.status_code != 202:
-                resp.failure(f"HTTP {resp.status_code}: {resp.text[:200]}")
+                self.fail(resp)
 
     @tag("items")
     @task(1)
@@ -259,25 +269,33 @@ class StreamingClient(_GreamUser):
                               stream=True, catch_response=True) as resp:
             if resp.status_code != 200:
                 resp.failure(f"HTTP {resp.status_code}")
+                if resp.status_code in (429, 503):
+                    time.sleep(min(float((resp.headers or {}).get("Retry-After", 1) or 1), 10.0))
                 return
             try:
-                buffer = ""
-                for chunk in resp.iter_content(chunk_size=4096):
-                    if isinstance(chunk, bytes):
-                        chunk = chunk.decode("utf-8", errors="replace")
-                    size += len(chunk)
-                    buffer += chunk
-                    while "\n\n" in buffer:
-                        frame, buffer = buffer.split("\n\n", 1)
-                        event = next((ln[7:] for ln in frame.splitlines() if ln.startswith("event: ")), "")
+                # Line by line: the response's read(n) waits for n bytes, which would hold back the
+                # first small SSE frame and inflate the time to first token.
+                raw = resp._response
+                event, data = "", ""
+                while True:
+                    line = raw.readline(b"\n")
+                    if not line:
+                        break
+                    size += len(line)
+                    text = line.decode("utf-8", errors="replace").rstrip("\r\n")
+                    if text.startswith("event: "):
+                        event = text[7:]
+                    elif text.startswith("data: "):
+                        data = text[6:]
+                    elif text == "" and event:
                         seen.append(event)
                         if first is None and event in ("reasoning", "items"):
                             first = time.perf_counter()
                             fire(request_type="SSE", name=TTFT_NAME, response_time=(first - started) * 1000,
                                  response_length=0, exception=None, context={})
                         if event == "error":
-                            data = next((ln[6:] for ln in frame.splitlines() if ln.startswith("data: ")), "")
                             raise RuntimeError(f"error event: {data[:200]}")
+                        event, data = "", ""
                 if not seen or seen[-1] != "done" or "items" not in seen:
                     raise RuntimeError(f"stream ended without items/done: {seen[-3:]}")
                 order = [e for e in seen if e != "reasoning"]

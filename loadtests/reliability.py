@@ -465,14 +465,19 @@ def contextlib_exit() -> Iterator[Any]:
         yield stack
 
 
-def run_figures(bundle: Path, out: Path, seconds: int, users: tuple[int, ...] = (1, 8, 32)) -> dict[str, Any]:
+def run_figures(bundle: Path, out: Path, seconds: int, users: tuple[int, ...] = (1, 8, 32),
+                scenarios: tuple[str, ...] = ("direct", "streaming")) -> dict[str, Any]:
     rows = []
     data = bundle.parent / f"{bundle.name}-data" / "test.jsonl"
-    with gateway(bundle, out, "figures-gateway") as server:
+    # 32 streaming users exceed the default reasoning concurrency (16: the rest get 429 + Retry-After);
+    # the figures measure the engine, so the cap is raised to the largest user count.
+    with gateway(bundle, out, "figures-gateway", env={"GREAM_MAX_CONCURRENT_REASONING": str(max(users))}) as server:
         for scenario, args, names in (("direct", ["ProductBackend", "--tags", "direct"], [("POST", "/v1/recommendations")]),
                                       ("streaming", ["StreamingClient"], [("POST", "/v1/recommendations/stream"),
                                                                           ("SSE", "time to first token"),
                                                                           ("SSE", "stream complete")])):
+            if scenario not in scenarios:
+                continue
             for u in users:
                 prefix = out / f"locust-{scenario}-{u}"
                 env = {**os.environ, "GREAM_LOAD_P95_MS": "0", "GREAM_LOAD_TTFT_P95_MS": "0",
@@ -527,6 +532,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--via-worker", action="store_true")
     parser.add_argument("--figures", action="store_true", help="with `all`: also the locust figures")
     parser.add_argument("--figures-seconds", type=int, default=30)
+    parser.add_argument("--figures-users", default="1,8,32", help="comma-separated locust user counts")
+    parser.add_argument("--figures-scenarios", default="direct,streaming")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     bundle = (args.bundle or default_bundle(args.out)).resolve()
@@ -544,7 +551,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.run in ("disconnect", "all"):
         reports.append(run_disconnect(bundle, args.out, args.via_worker))
     if args.run == "figures" or (args.run == "all" and args.figures):
-        reports.append(run_figures(bundle, args.out, args.figures_seconds))
+        reports.append(run_figures(bundle, args.out, args.figures_seconds,
+                                   tuple(int(u) for u in args.figures_users.split(",")),
+                                   tuple(args.figures_scenarios.split(","))))
     stamp = time.strftime("%Y%m%d-%H%M%S")
     path = args.out / f"reliability-{args.run}-{stamp}.json"
     path.write_text(json.dumps({"bundle": str(bundle), "reports": reports}, indent=2))

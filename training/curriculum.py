@@ -29,6 +29,7 @@ import re
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import pairwise
 from typing import Any
 
 from tqdm.auto import tqdm
@@ -40,11 +41,12 @@ from training.tasks import Example, short_title
 
 STAGES = tokens.REASONING_STAGES
 _WORD = re.compile(r"[A-Za-z][A-Za-z\-]{2,}")
-_STOP = frozenset("""
-the and for with from pack inch inches count set pcs piece pieces new high low mm cm ft lb lbs oz size
-black white blue red green yellow silver clear grey gray large small medium mini heavy duty premium
-quality professional industrial standard type model series style use kit per each one two three four
-five six ten x-large assorted replacement compatible various made usa""".split())
+_STOP_WORDS = (
+    "the and for with from pack inch inches count set pcs piece pieces new high low mm cm ft lb lbs oz size "
+    "black white blue red green yellow silver clear grey gray large small medium mini heavy duty premium "
+    "quality professional industrial standard type model series style use kit per each one two three four "
+    "five six ten x-large assorted replacement compatible various made usa")
+_STOP = frozenset(_STOP_WORDS.split())
 
 
 def _theme_words(title: str) -> list[str]:
@@ -65,7 +67,7 @@ class ThemeIndex:
         self.transitions: dict[str, Counter[str]] = defaultdict(Counter)
         for seq in (sequences or {}).values():
             idx = [bundle.index_of[i] for i in seq if i in bundle.index_of]
-            for a, b in zip(idx, idx[1:], strict=False):
+            for a, b in pairwise(idx):
                 self.transitions[self.theme_of[a]][self.theme_of[b]] += 1
 
     @staticmethod

@@ -68,7 +68,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         "seed": 0,
         "ids": {"levels": 3, "codebook_size": 64, "dedup_size": 64, "balanced": True},
         "tokenizer": {"vocab_size": 4000},
-        "backbone": {"scratch": "small"},
+        # ScratchConfig "tiny" (hidden 256, 4 layers): the 6-layer "small" measured ~18 s per batch of 64
+        # on a busy 2-core machine, too slow for an hour; name {"scratch": "small"} in a file to try it.
+        "backbone": {"scratch": "tiny"},
         "align": {"epochs": 12.0, "batch_size": 64, "lr": 3e-3, "max_history": 10,
                   "weights": {"sequential": 1.0, "text_to_id": 1.0, "id_to_title": 0.5, "titles_history": 0.5}},
         "reason": {"epochs": 2.0, "batch_size": 32, "lr": 5e-4, "max_examples": 6000, "align_replay": 0.5},
@@ -145,11 +147,17 @@ def build_backbone(cfg: dict[str, Any], tokenizer: Any) -> Any:
         from peft import LoraConfig, get_peft_model
 
         # New ID tokens need trained embeddings: the embedding and output layers are trained in full.
+        import dataclasses
+
+        tied = bool(getattr(model.config, "tie_word_embeddings", False))
+        extra = {"ensure_weight_tying": True} if tied and "ensure_weight_tying" in {
+            f.name for f in dataclasses.fields(LoraConfig)} else {}
         model = get_peft_model(model, LoraConfig(
             r=int(lora.get("r", 16)), lora_alpha=int(lora.get("alpha", 32)), lora_dropout=float(lora.get("dropout", 0.05)),
             target_modules=lora.get("target_modules", ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
                                                         "up_proj", "down_proj"]),
-            modules_to_save=lora.get("modules_to_save", ["embed_tokens", "lm_head"]), task_type="CAUSAL_LM"))
+            modules_to_save=lora.get("modules_to_save", ["embed_tokens"] if tied else ["embed_tokens", "lm_head"]),
+            task_type="CAUSAL_LM", **extra))
     return model
 
 

@@ -258,6 +258,7 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tens
     denom = mask.sum(-1).clamp(min=1)
     loss = ((per_token * mask).sum(-1) / denom).mean()
     clipped = ((ratio - 1).abs() > clip_eps).float()
+    kl, clipped = kl.detach(), clipped.detach()
     return loss, {"kl": float(((kl * mask).sum(-1) / denom).mean()),
                   "clip_frac": float(((clipped * mask).sum(-1) / denom).mean())}
 

@@ -23,6 +23,8 @@ from tests.e2e.test_demo_page import API_KEY, CHROMIUM_ARGS, find_chromium, runn
 def measure(bundle: Path, runs: int, history: int, k: int, budget: int, chromium: str) -> dict[str, object]:
     from playwright.sync_api import expect, sync_playwright
 
+    expect.set_options(timeout=120_000)
+
     with running_gateway(bundle) as base, sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=chromium, headless=True, chromium_sandbox=False,
                                      args=CHROMIUM_ARGS)

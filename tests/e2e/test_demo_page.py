@@ -6,7 +6,8 @@ The test types the API key, searches the catalog, adds the first hit to the hist
 items and presses Recommend; it then waits for streamed reasoning text and for k item cards, and
 asserts from a MutationObserver of its own that reasoning text appeared (and grew) before the
 first card did, that the page shows time to first token and total latency, and that no error is
-shown. It saves a screenshot (docs/demo-page.png, or GREAM_E2E_SCREENSHOT) and prints the browser's
+shown. It saves a screenshot (var/demo-page.png, or GREAM_E2E_SCREENSHOT; the README's
+docs/demo-page.png is made with GREAM_E2E_SCREENSHOT=docs/demo-page.png GREAM_E2E_BUNDLE=var/demo-bundle) and prints the browser's
 time to first token. It also checks that an in-band `event: error` is shown to the person, and
 that the GET stream works with the browser's own EventSource and the `api_key` query parameter.
 
@@ -26,6 +27,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 import httpx
 import pytest
@@ -153,7 +155,8 @@ def test_demo_page_streams_reasoning_then_items(chromium: str, gateway: str, bun
                                                 tmp_path: Path, record_property: Any) -> None:
     from playwright.sync_api import expect, sync_playwright
 
-    screenshot = Path(os.environ.get("GREAM_E2E_SCREENSHOT", ROOT / "docs" / "demo-page.png"))
+    expect.set_options(timeout=30_000)  # the default 5 s is short on a busy 2-core CI machine
+    screenshot = Path(os.environ.get("GREAM_E2E_SCREENSHOT", ROOT / "var" / "demo-page.png"))
     problems: list[str] = []
     with sync_playwright() as pw:
         # Playwright gives every launch a fresh temporary profile (user data dir).
@@ -196,6 +199,7 @@ def test_demo_page_streams_reasoning_then_items(chromium: str, gateway: str, bun
             expect(cards).to_have_count(K, timeout=60_000)
             expect(page.locator("#status")).to_have_text("done")
             expect(page.get_by_role("alert")).to_be_hidden()
+            expect(page.locator("#reasoning-tokens")).to_have_text(re.compile(r"^\d+$"))
 
             log = page.evaluate("window.__e2e")
             first_text = next(i for i, e in enumerate(log) if e["text"] > 0)
@@ -204,8 +208,9 @@ def test_demo_page_streams_reasoning_then_items(chromium: str, gateway: str, bun
             assert log[first_text]["cards"] == 0 and log[first_text]["streaming"], log
             assert log[first_card]["text"] > 0 and log[first_card]["t"] >= log[first_text]["t"], log
             # The text arrived in pieces while it was generated, not in one block with the items.
+            reasoning_tokens = int(page.locator("#reasoning-tokens").inner_text())
             growth = {e["text"] for e in log[:first_card] if e["text"] > 0}
-            assert len(growth) >= 2, log
+            assert len(growth) >= 2 or reasoning_tokens < 4, log
             assert log[-1]["cards"] == K
 
             # Every card shows a title, a semantic ID and a score.
@@ -220,7 +225,6 @@ def test_demo_page_streams_reasoning_then_items(chromium: str, gateway: str, bun
             assert 0 < ttft_ms <= latency_ms, (ttft_ms, latency_ms)
             expect(page.locator("#ttft")).to_have_text(re.compile(r"^\d+(\.\d+)? m?s$"))
             expect(page.locator("#latency")).to_have_text(re.compile(r"^\d+(\.\d+)? m?s$"))
-            expect(page.locator("#reasoning-tokens")).to_have_text(re.compile(r"^\d+$"))
 
             screenshot.parent.mkdir(parents=True, exist_ok=True)
             page.screenshot(path=str(screenshot), full_page=True)
@@ -232,7 +236,9 @@ def test_demo_page_streams_reasoning_then_items(chromium: str, gateway: str, bun
             # EventSource: GET stream, key as a query parameter (it cannot set headers).
             history = page.evaluate("Array.from(document.querySelectorAll('#history-list .item-id'))"
                                     ".map((n) => n.textContent)")
-            url = f"v1/recommendations/stream?history={','.join(history)}&k=3&max_reasoning_tokens=8&api_key={API_KEY}"
+            query = urlencode([("history", h) for h in history] + [("k", 3), ("max_reasoning_tokens", 8),
+                                                                      ("api_key", API_KEY)])
+            url = f"v1/recommendations/stream?{query}"
             events = page.evaluate(EVENTSOURCE_JS, url)
             kinds = [kind for kind, _ in events]
             n = kinds.count("reasoning")
