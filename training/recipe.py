@@ -144,10 +144,10 @@ def build_backbone(cfg: dict[str, Any], tokenizer: Any) -> Any:
         model = build_scratch_model(ScratchConfig(**{**sc.to_dict(), "seed": cfg["seed"]}), tokenizer)
     lora = bb.get("lora")
     if lora:
-        from peft import LoraConfig, get_peft_model
-
         # New ID tokens need trained embeddings: the embedding and output layers are trained in full.
         import dataclasses
+
+        from peft import LoraConfig, get_peft_model
 
         tied = bool(getattr(model.config, "tie_word_embeddings", False))
         extra = {"ensure_weight_tying": True} if tied and "ensure_weight_tying" in {
@@ -197,8 +197,12 @@ def run_sft(model: Any, tokenizer: Any, examples: Sequence[Any], stage_cfg: dict
             seed: int, desc: str, accelerator: Any = None) -> dict[str, Any]:
     from training.sft import SFTConfig, train_sft
 
+    t = time.perf_counter()
     epochs, per_step = fit_epochs(model, tokenizer, examples, int(stage_cfg["batch_size"]),
                                   float(stage_cfg["epochs"]), minutes, stage_cfg.get("max_steps"))
+    if minutes:  # the probe's time comes out of the stage's budget
+        minutes = max(0.1, minutes - (time.perf_counter() - t) / 60)
+        epochs, _ = fit_epochs(model, tokenizer, examples, int(stage_cfg["batch_size"]), epochs, None)
     cfg = SFTConfig(epochs=epochs, batch_size=int(stage_cfg["batch_size"]), lr=float(stage_cfg["lr"]),
                     max_minutes=minutes, seed=seed)
     kwargs = {}
@@ -355,12 +359,23 @@ def run_recipe(data_dir: str | Path, out: str | Path, config: str | dict[str, An
         timings["prepare_s"] = time.perf_counter() - t
         stats["model_parameters"] = n_params
 
-        remaining = None if not max_minutes else max(0.5, max_minutes - (time.perf_counter() - t0) / 60)
         budget = cfg["budget"]
-        share_total = sum(float(budget[s]) for s in stages)
-        train_minutes = {s: (remaining * (1 - float(budget.get("eval_reserve", 0.1))) * float(budget[s]) / share_total
-                             if remaining else None) for s in stages}
-        stats["stage_minutes"] = train_minutes
+        deadline = t0 + max_minutes * 60 if max_minutes else None
+
+        def stage_minutes(stage: str) -> float | None:
+            """The stage's share of the time left (evaluation reserve kept back), decided when it starts,
+            so overruns of earlier stages (probes, evaluations, snapshots) are absorbed by later ones."""
+            if deadline is None:
+                return None
+            left = [s for s in stages if s not in stats["stage_minutes"]]
+            share = float(budget[stage]) / sum(float(budget[s]) for s in left)
+            minutes = max(0.2, (deadline - time.perf_counter()) / 60 * (1 - float(budget.get("eval_reserve", 0.1)))
+                          * share)
+            stats["stage_minutes"][stage] = minutes
+            return minutes
+
+        stats["stage_minutes"] = {}
+        train_minutes: dict[str, float | None] = {}
         ev = cfg["eval"]
 
         def measure(stage: str, modes: Sequence[str]) -> dict[str, dict[str, float]]:
@@ -388,6 +403,7 @@ def run_recipe(data_dir: str | Path, out: str | Path, config: str | dict[str, An
 
         if "align" in stages:
             t = time.perf_counter()
+            train_minutes["align"] = stage_minutes("align")
             log(f"[align] {len(align_examples)} examples, {train_minutes['align'] or 'no'} min budget")
             stats["stage_stats"]["align"] = run_sft(model, tokenizer, align_examples, align_cfg, train_minutes["align"],
                                                     seed, "align", accelerator)
@@ -397,6 +413,7 @@ def run_recipe(data_dir: str | Path, out: str | Path, config: str | dict[str, An
 
         if "reason" in stages:
             t = time.perf_counter()
+            train_minutes["reason"] = stage_minutes("reason")
             rc = cfg["reason"]
             ccfg = CurriculumConfig(max_history=max_history, max_examples=rc.get("max_examples"), seed=seed)
             themes = ThemeIndex(ids_bundle, train)
@@ -421,6 +438,7 @@ def run_recipe(data_dir: str | Path, out: str | Path, config: str | dict[str, An
 
         if "srpo" in stages:
             t = time.perf_counter()
+            train_minutes["srpo"] = stage_minutes("srpo")
             sc = SRPOConfig(**{**cfg["srpo"], "max_minutes": train_minutes["srpo"], "seed": seed,
                                "max_history": max_history})
             before = copy.deepcopy(model.state_dict()) if cfg.get("select_on_valid") else None
