@@ -15,7 +15,7 @@ export TOKENIZERS_PARALLELISM = false
 export VLLM_CPU_KVCACHE_SPACE ?= 1
 export VLLM_CACHE_ROOT ?= $(CURDIR)/.cache/vllm
 
-.PHONY: install install-vllm demo run test test-fast lint bench-trie bench-engine clean
+.PHONY: install install-vllm demo run test test-fast lint bench-trie bench-engine loadtest reliability clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -59,6 +59,21 @@ bench-trie: $(VENV)/.core
 
 bench-engine: $(VENV)/.vllm demo
 	$(BIN)/python loadtests/bench_engine.py --bundle $(BUNDLE)
+
+LOADTEST_HOST  ?= http://$(HOST):$(PORT)
+LOADTEST_USERS ?= 16
+LOADTEST_RATE  ?= 4
+LOADTEST_TIME  ?= 60s
+
+# Against a running `make run`; exits non-zero when a threshold (failures, p95, TTFT) is missed.
+loadtest: $(VENV)/.core
+	@mkdir -p var/loadtest
+	$(BIN)/locust -f loadtests/locustfile.py --headless --host $(LOADTEST_HOST) \
+	  -u $(LOADTEST_USERS) -r $(LOADTEST_RATE) -t $(LOADTEST_TIME) --stop-timeout 30 \
+	  --csv var/loadtest/gream --html var/loadtest/report.html --only-summary
+
+reliability: $(VENV)/.core
+	$(BIN)/python loadtests/reliability.py all --via-worker --figures
 
 clean:
 	rm -rf $(VENV) .cache var .pytest_cache

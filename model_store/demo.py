@@ -1,5 +1,5 @@
-"""The demo: a synthetic catalog with text, users with learnable sequential structure, a small causal
-LM trained from scratch in a few minutes on 2 cores, and a servable bundle.
+"""Synthetic demo data: a catalog with text and users with learnable sequential structure
+(training/demo.py trains the demo model on it with the GREAM recipe).
 
 Structure the model can learn: every item has two "follow-up" items (mostly in its own category, as
 refills and accessories follow a purchase), and users follow them most of the time, otherwise jumping
@@ -9,13 +9,8 @@ follow each other tend to share semantic-ID prefixes, as on real data.
 
 from __future__ import annotations
 
-import json
-import shutil
-import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -54,8 +49,6 @@ class DemoConfig:
     max_len: int = 20
     follow_prob: float = 0.8
     seed: int = 0
-    train_minutes: float = 4.0
-    epochs: float = 4.0
 
 
 def synthetic_catalog(n: int, rng: np.random.Generator) -> list[Item]:
@@ -117,59 +110,3 @@ def write_demo_data(folder: Path, cfg: DemoConfig) -> Path:
     test = [EvalRow(u, s[:-1][-10:], s[-1]) for u, s in seqs.items()]
     InteractionData(train=train, valid=valid, test=test).save(folder)
     return folder
-
-
-def build_demo(out: str | Path, data_dir: str | Path | None = None, cfg: DemoConfig | None = None,
-               overwrite: bool = False, log: Any = print) -> tuple[Path, dict[str, Any]]:
-    """Generate data, build IDs, train the demo model (history -> next ID) and write the bundle."""
-    from model_store.builder import BuildConfig, build_bundle
-    from model_store.bundle import load_bundle, save_bundle
-    from model_store.semantic_ids import QuantizerConfig
-    from model_store.tokens import id_token_ids
-    from service.engine.hf_decoder import HFTrieDecoder
-    from training.backbone import SCRATCH_PRESETS, build_scratch_model
-    from training.data import InteractionData
-    from training.evaluate import evaluate_model, format_table
-    from training.sft import SFTConfig, train_sft
-    from training.tasks import sequential_examples, text_to_id_examples
-
-    cfg = cfg or DemoConfig()
-    out = Path(out)
-    data_dir = Path(data_dir) if data_dir else out.parent / f"{out.name}-data"
-    t0 = time.perf_counter()
-    log(f"[1/4] synthetic data -> {data_dir}")
-    write_demo_data(data_dir, cfg)
-    data = InteractionData.load(data_dir)
-
-    log("[2/4] semantic IDs (embedding, residual k-means 3 x 64 + de-dup)")
-    build_cfg = BuildConfig(quantizer=QuantizerConfig(levels=3, codebook_size=64, dedup_size=64, seed=cfg.seed),
-                            tokenizer_vocab_size=2000)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-ids-", dir=out.parent)) / "ids"
-    _, id_stats = build_bundle(data_dir / "items.jsonl", staging, build_cfg, overwrite=True, log=log,
-                               interactions=data_dir / "train.jsonl")
-    ids_bundle = load_bundle(staging)
-
-    log("[3/4] training a small Llama from scratch (history -> next item ID)")
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(ids_bundle.tokenizer_path))
-    model = build_scratch_model(SCRATCH_PRESETS["demo"], tokenizer)
-    examples = sequential_examples(ids_bundle, data.train) + text_to_id_examples(ids_bundle)
-    train_stats = train_sft(model, tokenizer, examples,
-                            SFTConfig(epochs=cfg.epochs, max_minutes=cfg.train_minutes, seed=cfg.seed),
-                            desc="demo sft")
-
-    log("[4/4] evaluating on held-out last items and writing the bundle")
-    decoder = HFTrieDecoder(model, tokenizer, ids_bundle.trie, id_token_ids(tokenizer, ids_bundle.id_format))
-    report = evaluate_model(decoder, ids_bundle, data.train, data.test[:500], k=10, beams=10, label="demo model")
-    log(format_table(report["metrics"]))
-    training = {"kind": "demo", "demo_config": cfg.__dict__, "sft": train_stats, "eval": report,
-                "wall_s": time.perf_counter() - t0}
-    path = save_bundle(out, items=ids_bundle.items, codes=ids_bundle.codes, codebooks=ids_bundle.codebooks,
-                       id_format=ids_bundle.id_format, tokenizer=tokenizer, model=model,
-                       popularity=ids_bundle.popularity, settings=ids_bundle.manifest["settings"],
-                       stats={**ids_bundle.manifest["stats"], "training": training}, overwrite=overwrite)
-    shutil.rmtree(staging.parent, ignore_errors=True)
-    (data_dir / "demo_report.json").write_text(json.dumps(training, indent=2, default=str))
-    return path, {**id_stats, "training": training}

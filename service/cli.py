@@ -106,18 +106,20 @@ def cmd_registry(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from model_store.demo import DemoConfig, build_demo
+    from model_store.demo import DemoConfig
+    from training.demo import build_demo
 
     out = Path(args.out)
-    if out.exists() and not args.overwrite:
+    if out.exists():
         if args.if_missing:
             print(f"demo bundle already at {out}", file=sys.stderr)
             return 0
-        return _err(f"{out} exists; pass --overwrite to rebuild it")
-    cfg = DemoConfig(items=args.items, users=args.users, train_minutes=args.minutes, seed=args.seed)
-    path, stats = build_demo(out, data_dir=args.data_dir, cfg=cfg, overwrite=args.overwrite,
-                             log=lambda m: print(m, file=sys.stderr))
-    print(json.dumps({"bundle": str(path), "eval": stats["training"]["eval"]["metrics"]}, indent=2))
+        if not args.overwrite:
+            return _err(f"{out} exists; pass --overwrite to rebuild it")
+    cfg = DemoConfig(items=args.items, users=args.users, seed=args.seed)
+    path, report = build_demo(out, data_dir=args.data_dir, cfg=cfg, max_minutes=args.minutes,
+                              log=lambda m: print(m, file=sys.stderr))
+    print(json.dumps({"bundle": str(path), "valid": report["valid"]}, indent=2))
     return 0
 
 
@@ -150,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--data-dir", default=None, help="where the synthetic data goes (default: OUT-data)")
     demo.add_argument("--items", type=int, default=2000)
     demo.add_argument("--users", type=int, default=3000)
-    demo.add_argument("--minutes", type=float, default=4.0, help="training time budget")
+    demo.add_argument("--minutes", type=float, default=5.0, help="time budget of the whole build")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--overwrite", action="store_true")
     demo.add_argument("--if-missing", action="store_true", help="do nothing when OUT already exists")

@@ -63,6 +63,22 @@ PRESETS: dict[str, dict[str, Any]] = {
         "select_on_valid": False,
         "stage_bundles": True,
     },
+    # `gream demo`: synthetic data, a few minutes on 2 cores; reasoning included so the stream reads well.
+    "demo": {
+        "seed": 0,
+        "ids": {"levels": 3, "codebook_size": 64, "dedup_size": 64, "balanced": True},
+        "tokenizer": {"vocab_size": 2000},
+        "backbone": {"scratch": "demo"},
+        "align": {"epochs": 8.0, "batch_size": 64, "lr": 3e-3, "max_history": 10,
+                  "weights": {"sequential": 1.0, "text_to_id": 0.5, "id_to_title": 0.25, "titles_history": 0.25}},
+        "reason": {"epochs": 1.0, "batch_size": 32, "lr": 1e-3, "max_examples": 1500, "align_replay": 0.5},
+        "srpo": {"steps": 40, "group_size": 8, "prompts_per_step": 16, "lr": 5e-5, "mode": "direct"},
+        "eval": {"valid_rows": 300, "reasoning_rows": 20, "beams": 10, "reasoning_tokens": 96},
+        "budget": {"align": 0.6, "reason": 0.3, "srpo": 0.1, "eval_reserve": 0.1},
+        "holdout_valid": False,
+        "select_on_valid": True,
+        "stage_bundles": False,
+    },
     # The full run on 2 CPU cores within an hour (amazon-industrial: 3,686 items, ~18k interactions).
     "small": {
         "seed": 0,
