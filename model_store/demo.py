@@ -43,7 +43,7 @@ SIZES = ["small", "medium", "large", "pack of 10", "pack of 50", "1 lb", "5 ft",
 
 @dataclass(frozen=True)
 class DemoConfig:
-    items: int = 2000
+    items: int = 1000
     users: int = 3000
     min_len: int = 6
     max_len: int = 20

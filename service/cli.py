@@ -150,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="build the demo bundle (synthetic data, small model trained here)")
     demo.add_argument("--out", default="var/demo-bundle")
     demo.add_argument("--data-dir", default=None, help="where the synthetic data goes (default: OUT-data)")
-    demo.add_argument("--items", type=int, default=2000)
+    demo.add_argument("--items", type=int, default=1000)
     demo.add_argument("--users", type=int, default=3000)
     demo.add_argument("--minutes", type=float, default=5.0, help="time budget of the whole build")
     demo.add_argument("--seed", type=int, default=0)

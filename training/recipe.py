@@ -74,7 +74,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "reason": {"epochs": 1.0, "batch_size": 32, "lr": 1e-3, "max_examples": 1500, "align_replay": 0.5},
         "srpo": {"steps": 40, "group_size": 8, "prompts_per_step": 16, "lr": 5e-5, "mode": "direct"},
         "eval": {"valid_rows": 300, "reasoning_rows": 20, "beams": 10, "reasoning_tokens": 96},
-        "budget": {"align": 0.6, "reason": 0.3, "srpo": 0.1, "eval_reserve": 0.1},
+        "budget": {"align": 0.65, "reason": 0.25, "srpo": 0.1, "eval_reserve": 0.1},
         "holdout_valid": False,
         "select_on_valid": True,
         "stage_bundles": False,

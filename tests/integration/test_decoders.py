@@ -1,0 +1,76 @@
+"""The two transformers decoders (cache copied per beam, shared prompt cache) and the scoring rule:
+same items in the same order, scores equal to exhaustive teacher-forced scoring of the ID tokens."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from model_store.bundle import load_bundle
+from model_store.tokens import direct_prompt, id_token_ids
+from service.engine.hf_decoder import HFTrieDecoder, exhaustive_scores
+from service.engine.shared_prefix import SharedPrefixDecoder, make_decoder, supports_shared_prefix
+from training.backbone import load_bundle_model
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_bundle_dir: Path):  # type: ignore[no-untyped-def]
+    from transformers import AutoTokenizer
+
+    bundle = load_bundle(tiny_bundle_dir)
+    tok = AutoTokenizer.from_pretrained(str(bundle.tokenizer_path))
+    model = load_bundle_model(bundle.model_path)
+    ids = id_token_ids(tok, bundle.id_format)
+    return bundle, tok, model, ids
+
+
+def _prompts(bundle, n: int, seed: int) -> list[str]:  # type: ignore[no-untyped-def]
+    rng = np.random.default_rng(seed)
+    return [direct_prompt([bundle.spelled_id(int(i)) for i in rng.integers(0, len(bundle.items), int(m))])
+            for m in rng.integers(1, 12, n)]
+
+
+def test_make_decoder_picks_shared_prefix_for_llama(setup) -> None:  # type: ignore[no-untyped-def]
+    bundle, tok, model, ids = setup
+    assert supports_shared_prefix(model)
+    assert isinstance(make_decoder(model, tok, bundle.trie, ids), SharedPrefixDecoder)
+
+
+def test_decoders_agree_with_filters_and_mixed_widths(setup) -> None:  # type: ignore[no-untyped-def]
+    bundle, tok, model, ids = setup
+    prompts = _prompts(bundle, 12, seed=3)
+    rng = np.random.default_rng(4)
+    filters = [bundle.trie.make_filter(exclude=rng.integers(0, 300, 40).tolist()) if i % 3 == 1 else
+               bundle.trie.make_filter(allow=rng.integers(0, 300, 25).tolist()) if i % 3 == 2 else None
+               for i in range(len(prompts))]
+    ks = [10] * len(prompts)
+    widths = [10 + 5 * (i % 3) for i in range(len(prompts))]
+    copied = HFTrieDecoder(model, tok, bundle.trie, ids).topk(prompts, ks, widths, filters)
+    shared = SharedPrefixDecoder(model, tok, bundle.trie, ids).topk(prompts, ks, widths, filters)
+    for a, b, flt in zip(copied, shared, filters, strict=True):
+        assert [s.index for s in a] == [s.index for s in b]
+        assert np.allclose([s.score for s in a], [s.score for s in b], atol=1e-4)
+        assert len({s.index for s in b}) == len(b) == 10
+        if flt is not None:
+            assert all(bool(flt.keep(np.array([bundle.trie.item_path[s.index, -1]]))[0]) for s in b)
+
+
+def test_batching_does_not_change_results(setup) -> None:  # type: ignore[no-untyped-def]
+    bundle, tok, model, ids = setup
+    dec = SharedPrefixDecoder(model, tok, bundle.trie, ids)
+    prompts = _prompts(bundle, 6, seed=5)
+    together = dec.topk(prompts, [10] * 6, [10] * 6)
+    alone = [dec.topk([p], [10], [10])[0] for p in prompts]
+    assert [[s.index for s in r] for r in together] == [[s.index for s in r] for r in alone]
+
+
+def test_scores_are_exact_summed_log_probs(setup) -> None:  # type: ignore[no-untyped-def]
+    bundle, tok, model, ids = setup
+    prompt = _prompts(bundle, 1, seed=7)[0]
+    exact = exhaustive_scores(model, tok, prompt, bundle.codes, ids, bundle.id_format)
+    found = SharedPrefixDecoder(model, tok, bundle.trie, ids).topk([prompt], [10], [300])[0]
+    # With as many beams as items the search is exhaustive: the true top-10, with their exact scores.
+    assert [s.index for s in found] == list(np.argsort(-exact, kind="stable")[:10])
+    assert np.allclose([s.score for s in found], exact[[s.index for s in found]], atol=1e-4)
