@@ -1,10 +1,10 @@
 """Synthetic demo data: a catalog with text and users with learnable sequential structure
 (training/demo.py trains the demo model on it with the GREAM recipe).
 
-Structure the model can learn: every item has two "follow-up" items (mostly in its own category, as
-refills and accessories follow a purchase), and users follow them most of the time, otherwise jumping
-to an item of one of their favourite categories. Titles carry the category's words, so items that
-follow each other tend to share semantic-ID prefixes, as on real data.
+Structure the model can learn: every item has two "follow-up" items (mostly staples of its own
+category, as refills and accessories follow a purchase), and users follow them most of the time,
+otherwise jumping to an item of one of their favourite categories. Titles carry the category's words,
+so items that follow each other tend to share semantic-ID prefixes, as on real data.
 """
 
 from __future__ import annotations
@@ -72,12 +72,16 @@ def synthetic_sequences(items: list[Item], cfg: DemoConfig, rng: np.random.Gener
     for i, it in enumerate(items):
         by_cat.setdefault(it.categories, []).append(i)
     cats = list(by_cat)
+    # Within a category a few items are staples (Zipf weights over a random order): follow-ups are
+    # drawn from them, so "what comes next" is learnable from the category of the last item.
+    staple_p = {c: (w := 1.0 / np.arange(1, len(m) + 1) ** 1.5)[rng.permutation(len(m))] / w.sum()
+                for c, m in by_cat.items()}
     # Two follow-ups per item: usually same category, sometimes a related one (next in the list).
     follow = np.zeros((n, 2), dtype=np.int64)
     for i, it in enumerate(items):
         for j in range(2):
             c = it.categories if rng.random() < 0.8 else cats[(cats.index(it.categories) + 1) % len(cats)]
-            follow[i, j] = by_cat[c][int(rng.integers(len(by_cat[c])))]
+            follow[i, j] = by_cat[c][int(rng.choice(len(by_cat[c]), p=staple_p[c]))]
     popularity = rng.zipf(1.6, n).astype(float)
     start_p = popularity / popularity.sum()
     seqs = {}

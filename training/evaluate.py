@@ -89,7 +89,9 @@ def evaluate_model(decoder: Any, bundle: Bundle, train: dict[str, list[str]], ro
 
 
 def format_table(metrics: dict[str, dict[str, float]]) -> str:
-    cols = sorted({c for m in metrics.values() for c in m}, key=lambda c: (c.split("@")[0], int(c.split("@")[1])))
+    # Only the ranking metrics (NAME@K); rows may carry extras such as counts of finished reasonings.
+    cols = sorted({c for m in metrics.values() for c in m if "@" in c},
+                  key=lambda c: (c.split("@")[0], int(c.split("@")[1])))
     width = max(len(n) for n in metrics) + 2
     lines = ["method".ljust(width) + " ".join(c.rjust(8) for c in cols)]
     for name, m in metrics.items():

@@ -9,6 +9,7 @@ real ones.
 from __future__ import annotations
 
 import csv
+import importlib.util
 import os
 import signal
 import socket
@@ -21,7 +22,10 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("locust", reason="locust is not installed (pip install locust)")
+# Never import locust in the test process: its import gevent-monkey-patches threads and sockets for
+# every other test. It runs as a subprocess; here we only look for it.
+if importlib.util.find_spec("locust") is None:
+    pytest.skip("locust is not installed (pip install locust)", allow_module_level=True)
 httpx = pytest.importorskip("httpx")
 
 ROOT = Path(__file__).resolve().parents[2]
