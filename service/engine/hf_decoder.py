@@ -9,6 +9,7 @@ once (see ../shared/notes/beam-search-cpu.md for the measurements behind these c
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -16,7 +17,17 @@ import torch
 
 from model_store.trie import ItemTrie, TrieFilter
 from service.engine.base import ScoredItem
-from service.engine.beam import TrieBeamSearch
+from service.engine.beam import Step, TrieBeamSearch
+
+
+@dataclass
+class Prefilled:
+    batch: int
+    filters: list[TrieFilter | None]
+    mask: torch.Tensor  # [batch, prompt length], left padded
+    positions: torch.Tensor  # [batch, prompt length]
+    cache: Any  # the prompts' KV cache (transformers Cache)
+    step: Step  # the first beam step, taken from the prompts' last logits
 
 
 class HFTrieDecoder:
@@ -33,11 +44,10 @@ class HFTrieDecoder:
     def _logprobs(self, logits: torch.Tensor) -> torch.Tensor:
         return torch.log_softmax(logits[:, -1, :].float(), dim=-1)
 
-    @torch.inference_mode()
-    def topk(self, prompts: Sequence[str], ks: Sequence[int], widths: Sequence[int],
-             filters: Sequence[TrieFilter | None] | None = None,
-             prompt_ids: Sequence[Sequence[int]] | None = None) -> list[list[ScoredItem]]:
-        """Top-k items per prompt by trie-constrained beam search with `widths[p]` beams."""
+    def prefill(self, prompts: Sequence[str], widths: Sequence[int],
+                filters: Sequence[TrieFilter | None] | None = None,
+                prompt_ids: Sequence[Sequence[int]] | None = None) -> Prefilled:
+        """Run every prompt once (left-padded batch) and take the first beam step from its logits."""
         batch = len(prompts) if prompt_ids is None else len(prompt_ids)
         filters = list(filters) if filters is not None else [None] * batch
         enc = self.encode(prompts) if prompt_ids is None else self._pad_ids(prompt_ids)
@@ -45,10 +55,17 @@ class HFTrieDecoder:
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         out = self.model(input_ids=enc["input_ids"], attention_mask=mask, position_ids=positions,
                          use_cache=True, logits_to_keep=1)
-        cache = out.past_key_values
-        state = self.search.start(batch)
-        step = self.search.advance(state, self._logprobs(out.logits), widths, filters)
-        last_pos = positions[:, -1]
+        step = self.search.advance(self.search.start(batch), self._logprobs(out.logits), widths, filters)
+        return Prefilled(batch, filters, mask, positions, out.past_key_values, step)
+
+    @torch.inference_mode()
+    def topk(self, prompts: Sequence[str], ks: Sequence[int], widths: Sequence[int],
+             filters: Sequence[TrieFilter | None] | None = None,
+             prompt_ids: Sequence[Sequence[int]] | None = None) -> list[list[ScoredItem]]:
+        """Top-k items per prompt by trie-constrained beam search with `widths[p]` beams."""
+        pre = self.prefill(prompts, widths, filters, prompt_ids)
+        cache, mask, step = pre.cache, pre.mask, pre.step
+        last_pos = pre.positions[:, -1]
         for _ in range(1, self.search.depth):
             parent = torch.from_numpy(step.parent)
             # Copy each parent's cache rows to its children (on the first step: prompt -> beams).
@@ -58,8 +75,8 @@ class HFTrieDecoder:
             out = self.model(input_ids=torch.from_numpy(step.token)[:, None], attention_mask=mask,
                              position_ids=last_pos[:, None], past_key_values=cache, use_cache=True)
             cache = out.past_key_values
-            step = self.search.advance(step.state, self._logprobs(out.logits), widths, filters)
-        return self.search.finish(step.state, batch, ks)
+            step = self.search.advance(step.state, self._logprobs(out.logits), widths, pre.filters)
+        return self.search.finish(step.state, pre.batch, ks)
 
     def _pad_ids(self, prompt_ids: Sequence[Sequence[int]]) -> dict[str, torch.Tensor]:
         width = max(len(p) for p in prompt_ids)

@@ -56,19 +56,13 @@ class SharedPrefixDecoder(HFTrieDecoder):
     def topk(self, prompts: Sequence[str], ks: Sequence[int], widths: Sequence[int],
              filters: Sequence[TrieFilter | None] | None = None,
              prompt_ids: Sequence[Sequence[int]] | None = None) -> list[list[ScoredItem]]:
-        batch = len(prompts) if prompt_ids is None else len(prompt_ids)
-        filters = list(filters) if filters is not None else [None] * batch
-        enc = self.encode(prompts) if prompt_ids is None else self._pad_ids(prompt_ids)
-        mask = enc["attention_mask"]
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        out = self.model(input_ids=enc["input_ids"], attention_mask=mask, position_ids=positions,
-                         use_cache=True, logits_to_keep=1)
-        layers = out.past_key_values.layers
-        prompt_kv = [(layer.keys, layer.values) for layer in layers]  # [B, kvh, Lp, d], rotated keys
+        pre = self.prefill(prompts, widths, filters, prompt_ids)
+        prompt_kv = [(layer.keys, layer.values) for layer in pre.cache.layers]  # [B, kvh, Lp, d], rotated keys
         # Additive mask over prompt keys: left padding must get no attention.
-        prompt_bias = torch.zeros(mask.shape, dtype=prompt_kv[0][0].dtype).masked_fill(mask == 0, float("-inf"))
-        step = self.search.advance(self.search.start(batch), self._logprobs(out.logits), widths, filters)
-        next_pos = positions[:, -1] + 1  # position of the first generated token, per prompt
+        prompt_bias = torch.zeros(pre.mask.shape, dtype=prompt_kv[0][0].dtype).masked_fill(pre.mask == 0,
+                                                                                             float("-inf"))
+        step = pre.step
+        next_pos = pre.positions[:, -1] + 1  # position of the first generated token, per prompt
         gen_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         width = max(widths)
         for depth in range(1, self.search.depth):
@@ -79,8 +73,8 @@ class SharedPrefixDecoder(HFTrieDecoder):
                 gen_kv = [(k[parent], v[parent]) for k, v in gen_kv]
             logits, gen_kv = self._decode_step(torch.from_numpy(step.token), beam_prompt, rank, width,
                                                next_pos[beam_prompt] + depth - 1, prompt_kv, prompt_bias, gen_kv)
-            step = self.search.advance(step.state, torch.log_softmax(logits.float(), -1), widths, filters)
-        return self.search.finish(step.state, batch, ks)
+            step = self.search.advance(step.state, torch.log_softmax(logits.float(), -1), widths, pre.filters)
+        return self.search.finish(step.state, pre.batch, ks)
 
     def _decode_step(self, tokens: torch.Tensor, beam_prompt: torch.Tensor, rank: torch.Tensor, width: int,
                      positions: torch.Tensor, prompt_kv: list[tuple[torch.Tensor, torch.Tensor]],
