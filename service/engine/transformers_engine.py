@@ -3,7 +3,7 @@
 All model and tokenizer work runs on ONE worker thread, so the event loop never blocks and torch
 never runs two forwards at once on this CPU. Top-k requests wait in a bounded queue (full ->
 EngineOverloaded, which the gateway turns into 429 + Retry-After) and are gathered into batches of up
-to `max_batch`, waiting at most `batch_wait_ms` for company. Reasoning streams submit one decoding
+to `max_batch`, waiting at most `batch_wait_ms` for as many callers as recent batches held. Reasoning streams submit one decoding
 step at a time to the same thread, so they interleave fairly with batches and stop as soon as their
 consumer goes away (the next step is simply never submitted).
 """
@@ -92,7 +92,7 @@ class TransformersEngine(Engine):
     name = "transformers"
 
     def __init__(self, bundle: Bundle, *, default_beams: int = 10, queue_max: int = 256, max_batch: int = 32,
-                 batch_wait_ms: float = 2.0, torch_threads: int | None = None, dtype: str = "float32",
+                 batch_wait_ms: float = 10.0, torch_threads: int | None = None, dtype: str = "float32",
                  max_concurrent_reasoning: int = 16, reasoning_temperature: float = 0.0, seed: int = 0,
                  **_ignored: Any):
         if dtype not in DTYPES:
@@ -102,6 +102,7 @@ class TransformersEngine(Engine):
         self.queue_max = queue_max
         self.max_batch = max_batch
         self.batch_wait_s = batch_wait_ms / 1000.0
+        self._recent_batch_sizes: collections.deque[int] = collections.deque(maxlen=8)
         self.torch_threads = torch_threads
         self.dtype = DTYPES[dtype]
         self.max_concurrent_reasoning = max_concurrent_reasoning
@@ -258,8 +259,14 @@ class TransformersEngine(Engine):
         while True:
             batch = [await queue.get()]
             self._drain(batch)
-            if len(batch) < self.max_batch and self.batch_wait_s > 0:
-                await asyncio.sleep(self.batch_wait_s)
+            # Adaptive wait: expect as many requests as the largest recent batch held. A lone caller
+            # never waits; under load, the callers answered by the last batches come back within a few
+            # ms, and waiting for them keeps one forward pass per round instead of splitting it (the
+            # max, not the last size, so a split round does not teach the batcher to keep splitting).
+            expected = min(self.max_batch, max(self._recent_batch_sizes, default=1))
+            deadline = time.perf_counter() + self.batch_wait_s
+            while len(batch) < expected and time.perf_counter() < deadline:
+                await asyncio.sleep(0.0005)
                 self._drain(batch)
             batch = [job for job in batch if not job.future.done()]
             if not batch:
@@ -280,6 +287,7 @@ class TransformersEngine(Engine):
                 self._inflight = []
             elapsed = time.perf_counter() - started
             self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * elapsed
+            self._recent_batch_sizes.append(len(batch))
             self.counters["batches"] += 1
             self.counters["batched_requests"] += len(batch)
             if self.on_batch is not None:

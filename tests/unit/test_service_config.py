@@ -22,7 +22,7 @@ def test_defaults_need_no_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     assert s.engine == "transformers" and s.engine_urls == [] and s.redis_url is None
     assert (s.history_cap, s.history_ttl_days, s.history_drop_chunk) == (50, 30, 10)
     assert (s.max_k, s.max_history, s.max_body_bytes, s.max_reasoning_tokens) == (100, 200, 65536, 512)
-    assert (s.default_beams, s.queue_max, s.max_batch, s.batch_wait_ms) == (10, 256, 32, 2.0)
+    assert (s.default_beams, s.queue_max, s.max_batch, s.batch_wait_ms) == (10, 256, 32, 10.0)
     assert not s.auth_enabled and s.history_ttl_seconds == 30 * 86400
 
 
