@@ -35,7 +35,11 @@ def field_errors(problems: Sequence[tuple[str, str]]) -> ApiError:
                     errors=[{"field": f, "message": m} for f, m in problems])
 
 
-def request_id(request: Request) -> str:
+# Dependencies are `async def` on purpose: FastAPI runs plain `def` dependencies in a thread pool, and
+# several thread hops per request contend for the GIL with the engine's worker thread under load.
+
+
+async def request_id(request: Request) -> str:
     return str(getattr(request.state, "request_id", "") or "")
 
 
@@ -47,31 +51,31 @@ def _state(request: Request, name: str) -> Any:
     return value
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     return request.app.state.settings  # type: ignore[no-any-return]
 
 
-def get_bundle(request: Request) -> Bundle:
+async def get_bundle(request: Request) -> Bundle:
     return _state(request, "bundle")  # type: ignore[no-any-return]
 
 
-def get_engine(request: Request) -> Engine:
+async def get_engine(request: Request) -> Engine:
     return _state(request, "engine")  # type: ignore[no-any-return]
 
 
-def get_store(request: Request) -> HistoryStore:
+async def get_store(request: Request) -> HistoryStore:
     return _state(request, "history")  # type: ignore[no-any-return]
 
 
-def get_recommender(request: Request) -> Recommender:
+async def get_recommender(request: Request) -> Recommender:
     return _state(request, "recommender")  # type: ignore[no-any-return]
 
 
-def get_search(request: Request) -> TitleIndex:
+async def get_search(request: Request) -> TitleIndex:
     return _state(request, "search")  # type: ignore[no-any-return]
 
 
-def get_metrics(request: Request) -> Metrics:
+async def get_metrics(request: Request) -> Metrics:
     return request.app.state.metrics  # type: ignore[no-any-return]
 
 
@@ -81,9 +85,9 @@ def _bearer(request: Request) -> str | None:
     return token.strip() if scheme.lower() == "bearer" and token.strip() else None
 
 
-def require_api_key(request: Request) -> None:
+async def require_api_key(request: Request) -> None:
     """Bearer auth when keys are configured; every key is compared in constant time."""
-    keys: list[str] = get_settings(request).api_keys
+    keys: list[str] = request.app.state.settings.api_keys
     if not keys:
         return
     token = _bearer(request)
@@ -93,7 +97,7 @@ def require_api_key(request: Request) -> None:
     _check_key(keys, token)
 
 
-def require_api_key_or_query(
+async def require_api_key_or_query(
         request: Request,
         api_key: Annotated[str | None, Query(description="the API key, for clients that cannot set headers "
                                                          "(the browser's EventSource); prefer the "
@@ -101,7 +105,7 @@ def require_api_key_or_query(
     """Bearer auth that also accepts `?api_key=`, for the GET stream route only (EventSource can
     neither POST nor set headers). The header wins when both are sent. The gateway's access log
     records the path without the query string, so the key is never logged."""
-    keys: list[str] = get_settings(request).api_keys
+    keys: list[str] = request.app.state.settings.api_keys
     if not keys:
         return
     token = _bearer(request) or (api_key.strip() if api_key and api_key.strip() else None)
