@@ -70,7 +70,8 @@ def test_scores_are_exact_summed_log_probs(setup) -> None:  # type: ignore[no-un
     bundle, tok, model, ids = setup
     prompt = _prompts(bundle, 1, seed=7)[0]
     exact = exhaustive_scores(model, tok, prompt, bundle.codes, ids, bundle.id_format)
-    found = SharedPrefixDecoder(model, tok, bundle.trie, ids).topk([prompt], [10], [300])[0]
+    # Two prompts, so the shared-prompt path runs (a single prompt takes the plain HF decode steps).
+    found = SharedPrefixDecoder(model, tok, bundle.trie, ids).topk([prompt, prompt], [10, 10], [300, 300])[0]
     # With as many beams as items the search is exhaustive: the true top-10, with their exact scores.
     assert [s.index for s in found] == list(np.argsort(-exact, kind="stable")[:10])
     assert np.allclose([s.score for s in found], exact[[s.index for s in found]], atol=1e-4)
