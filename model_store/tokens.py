@@ -290,3 +290,13 @@ def id_token_ids(tokenizer: Any, id_format: IdFormat) -> list[int]:
         raise ValueError(f"tokenizer lacks {len(missing)} ID tokens (e.g. {missing[:3]}); "
                          "run extend_tokenizer first")
     return list(ids)
+
+
+def reasoning_banned_token_ids(tokenizer: Any, id_format: IdFormat) -> set[int]:
+    """Token ids free reasoning text may not contain: every ID token, the markers and the tokenizer's
+    special tokens, except THINK_END, which is how reasoning ends."""
+    banned = set(id_token_ids(tokenizer, id_format))
+    banned.update(int(t) for t in tokenizer.all_special_ids)
+    banned.update(int(t) for t in tokenizer.convert_tokens_to_ids(list(SPECIAL_TOKENS)) if t is not None)
+    banned.discard(int(tokenizer.convert_tokens_to_ids(THINK_END)))
+    return banned

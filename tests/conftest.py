@@ -1,5 +1,5 @@
 """Shared fixtures: tiny bundles built in seconds (random vectors instead of text embeddings, a
-random-weight 2-layer Llama), the shared data folder, and the real Redis."""
+random-weight 2-layer Llama) and the shared data folder."""
 
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "amazon-industrial"
-REDIS_URL = os.environ.get("GREAM_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 
 
 @pytest.fixture(scope="session")

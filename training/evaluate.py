@@ -9,7 +9,6 @@ from collections.abc import Sequence
 from itertools import pairwise
 from typing import Any
 
-import numpy as np
 from tqdm.auto import tqdm
 
 from model_store import tokens
@@ -98,9 +97,3 @@ def format_table(metrics: dict[str, dict[str, float]]) -> str:
         lines.append(name.ljust(width) + " ".join(f"{m.get(c, float('nan')):8.4f}" for c in cols))
     return "\n".join(lines)
 
-
-def random_rows(bundle: Bundle, n: int, seed: int = 0) -> list[EvalRow]:
-    rng = np.random.default_rng(seed)
-    ids = [it.item_id for it in bundle.items]
-    return [EvalRow(str(u), [ids[j] for j in rng.integers(0, len(ids), 5)], ids[int(rng.integers(len(ids)))])
-            for u in range(n)]

@@ -25,11 +25,11 @@ import torch
 
 from model_store.bundle import Bundle
 from model_store.tokens import (
-    SPECIAL_TOKENS,
     THINK_END,
     direct_prompt,
     id_token_ids,
     reasoning_answer_suffix,
+    reasoning_banned_token_ids,
     reasoning_prompt,
 )
 from model_store.trie import TrieFilter
@@ -188,15 +188,12 @@ class TransformersEngine(Engine):
         self._think_end = int(self.tokenizer.convert_tokens_to_ids(THINK_END))
         self._suffix_ids = self._encode(reasoning_answer_suffix())
         self._max_positions = int(getattr(self.model.config, "max_position_embeddings", 4096))
-        # Free reasoning text may not contain ID tokens or markers (only THINK_END may end it).
+        # Free reasoning text may not contain ID tokens or markers (only THINK_END may end it), nor
+        # the padding rows of an embedding matrix larger than the tokenizer.
         vocab = int(self.model.get_output_embeddings().weight.shape[0])
         banned = torch.zeros(vocab, dtype=torch.bool)
         banned[len(self.tokenizer):] = True
-        marker_ids = self.tokenizer.convert_tokens_to_ids(list(SPECIAL_TOKENS))
-        for tid in [*code_ids, *self.tokenizer.all_special_ids, *marker_ids]:
-            if tid is not None and 0 <= tid < vocab:
-                banned[tid] = True
-        banned[self._think_end] = False
+        banned[[t for t in reasoning_banned_token_ids(self.tokenizer, self.bundle.id_format) if t < vocab]] = True
         self._banned = banned
 
     async def _warm_up(self) -> None:

@@ -46,7 +46,13 @@ import numpy as np
 import torch
 
 from model_store.bundle import Bundle, load_bundle
-from model_store.tokens import SPECIAL_TOKENS, THINK_END, direct_prompt, id_token_ids, reasoning_answer_suffix
+from model_store.tokens import (
+    THINK_END,
+    direct_prompt,
+    id_token_ids,
+    reasoning_answer_suffix,
+    reasoning_banned_token_ids,
+)
 from model_store.trie import TrieFilter
 from service.engine.base import (
     Engine,
@@ -202,10 +208,7 @@ class VLLMEngine(Engine):
         self._think_end = int(self.tokenizer.convert_tokens_to_ids(THINK_END))
         self._suffix_ids = self._encode(reasoning_answer_suffix())
         # Reasoning text may not contain ID tokens, markers or other special tokens; only THINK_END ends it.
-        banned = {int(t) for t in self._code_token}
-        banned.update(int(t) for t in self.tokenizer.all_special_ids)
-        banned.update(int(t) for t in self.tokenizer.convert_tokens_to_ids(list(SPECIAL_TOKENS)) if t is not None)
-        banned.discard(self._think_end)
+        banned = reasoning_banned_token_ids(self.tokenizer, self.bundle.id_format)
         self._reasoning_allowed = [t for t in range(len(self.tokenizer)) if t not in banned]
 
     def _merged_model_dir(self) -> Path:
