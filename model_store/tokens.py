@@ -141,6 +141,17 @@ def direct_prompt(spelled_history: Sequence[str]) -> str:
     return f"{PREAMBLE}{history_block(spelled_history)}{ANSWER}"
 
 
+def direct_prompt_split(spelled_history: Sequence[str]) -> tuple[str, str]:
+    """`direct_prompt` cut after the first history item: (head, rest) with head + rest equal to it.
+
+    The sequential task trains on `rest` + the target, so one example teaches every next item of the
+    history (as SASRec does), not only the last: the history is oldest first and each item in it
+    is the "next item" of the ones before it."""
+    prompt = direct_prompt(spelled_history)
+    cut = len(PREAMBLE) + len(HISTORY_START) + (len(spelled_history[0]) if spelled_history else 0)
+    return prompt[:cut], prompt[cut:]
+
+
 def reasoning_prompt(spelled_history: Sequence[str]) -> str:
     """History -> free-text reasoning, closed by THINK_END, then ANSWER and the item ID."""
     return f"{PREAMBLE}{history_block(spelled_history)}{THINK_START}"

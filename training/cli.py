@@ -37,8 +37,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     from model_store.bundle import load_bundle
     from training.backbone import load_bundle_model
+    from training.baselines import baseline_rows
     from training.data import InteractionData
-    from training.evaluate import baseline_rows, format_table
+    from training.evaluate import format_table
     from training.recipe import STAGE_LABELS, evaluate_modes, stage_bundle_paths
 
     bundle = load_bundle(args.bundle)
@@ -63,7 +64,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         metrics.update(evaluate_modes(model, tokenizer, b, rows, stage_modes, label, beams=args.beams,
                                       reasoning_rows=args.reasoning_limit, reasoning_tokens=args.reasoning_tokens))
         timings[label] = time.perf_counter() - t
-    metrics.update(baseline_rows(data.train, rows, 10))
+    metrics.update(baseline_rows(data.train, rows, 10, valid=data.valid))
     print(format_table({n: {k: v for k, v in m.items() if "@" in k} for n, m in metrics.items()}))
     report = {"bundle": bundle.version, "rows": len(rows), "beams": args.beams, "modes": modes,
               "metrics": metrics, "eval_seconds": timings,

@@ -1,12 +1,10 @@
-"""Ranking metrics (HR@K, NDCG@K), the baselines every model is compared with in the same run, and
-the model's own evaluation with the decoding the service uses (trie-constrained beam search)."""
+"""Ranking metrics (HR@K, NDCG@K) and the model's own evaluation with the decoding the service uses
+(trie-constrained beam search). The baselines it is compared with are in training/baselines.py."""
 
 from __future__ import annotations
 
 import math
-from collections import Counter, defaultdict
 from collections.abc import Sequence
-from itertools import pairwise
 from typing import Any
 
 from tqdm.auto import tqdm
@@ -36,38 +34,6 @@ def ranking_metrics(ranked: Sequence[Sequence[str]], targets: Sequence[str],
     return out
 
 
-def popularity_ranking(train: dict[str, list[str]], k: int) -> list[str]:
-    counts = Counter(i for seq in train.values() for i in seq)
-    return [i for i, _ in counts.most_common(k)]
-
-
-class TransitionBaseline:
-    """Last-item transitions (first-order Markov) with popularity back-off."""
-
-    def __init__(self, train: dict[str, list[str]]):
-        self.next: dict[str, Counter[str]] = defaultdict(Counter)
-        for seq in train.values():
-            for a, b in pairwise(seq):
-                self.next[a][b] += 1
-        self.popular = popularity_ranking(train, 200)
-
-    def rank(self, history: Sequence[str], k: int) -> list[str]:
-        out = [i for i, _ in self.next[history[-1]].most_common(k)] if history else []
-        seen = set(out)
-        out += [i for i in self.popular if i not in seen][: k - len(out)]
-        return out[:k]
-
-
-def baseline_rows(train: dict[str, list[str]], rows: Sequence[EvalRow], k: int = 10) -> dict[str, dict]:
-    targets = [r.target for r in rows]
-    pop = popularity_ranking(train, k)
-    trans = TransitionBaseline(train)
-    return {
-        "popularity": ranking_metrics([pop] * len(rows), targets),
-        "last-item transitions": ranking_metrics([trans.rank(r.history, k) for r in rows], targets),
-    }
-
-
 def model_rankings(decoder: Any, bundle: Bundle, rows: Sequence[EvalRow], k: int = 10, beams: int = 20,
                    batch_size: int = 32, max_history: int = 10, desc: str = "eval") -> list[list[str]]:
     """Top-k item ids per row from the bundle's model, decoded as the service decodes (direct mode)."""
@@ -78,13 +44,6 @@ def model_rankings(decoder: Any, bundle: Bundle, rows: Sequence[EvalRow], k: int
         results = decoder.topk(prompts, [k] * len(chunk), [beams] * len(chunk))
         ranked += [[bundle.items[s.index].item_id for s in res] for res in results]
     return ranked
-
-
-def evaluate_model(decoder: Any, bundle: Bundle, train: dict[str, list[str]], rows: Sequence[EvalRow],
-                   k: int = 10, beams: int = 20, label: str = "model") -> dict[str, Any]:
-    ranked = model_rankings(decoder, bundle, rows, k=k, beams=beams)
-    table = {label: ranking_metrics(ranked, [r.target for r in rows]), **baseline_rows(train, rows, k)}
-    return {"rows": len(rows), "beams": beams, "metrics": table}
 
 
 def format_table(metrics: dict[str, dict[str, float]]) -> str:

@@ -31,6 +31,12 @@ class SFTConfig:
     max_minutes: float | None = None  # stop early (cleanly) when the time budget is spent
     seed: int = 0
     grad_clip: float = 1.0
+    # Batches of similar lengths (shuffled within and across groups): mixing 35- and 140-token
+    # examples otherwise spends half of every step on padding.
+    group_by_length: bool = True
+    # bfloat16 autocast for the forward pass (weights and optimizer stay float32): ~1.5-2x faster
+    # matmuls on CPUs with AVX512-BF16/AMX and on GPUs; "auto" turns it on where the CPU has them.
+    bf16: bool | str = "auto"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -56,13 +62,52 @@ def _collate(batch: Sequence[tuple[list[int], int]], pad_id: int) -> dict[str, t
     return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
 
 
+def cpu_has_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX), read from /proc/cpuinfo."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            flags = next((line for line in fh if line.startswith("flags")), "")
+    except OSError:
+        return False
+    return any(f in flags.split() for f in ("avx512_bf16", "amx_bf16"))
+
+
+def use_bf16(setting: bool | str, device: torch.device) -> bool:
+    if setting == "auto":
+        return device.type == "cuda" and torch.cuda.is_bf16_supported() or device.type == "cpu" and cpu_has_bf16()
+    return bool(setting)
+
+
+def epoch_batches(lengths: Sequence[int], batch_size: int, rng: random.Random, group_by_length: bool
+                  ) -> list[list[int]]:
+    """One epoch's batches of example indices. Grouped by length: shuffle, sort within windows of 50
+    batches, cut, shuffle the batches; the order stays random while padding nearly vanishes."""
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    if group_by_length:
+        window = batch_size * 50
+        order = [i for s in range(0, len(order), window)
+                 for i in sorted(order[s: s + window], key=lengths.__getitem__)]
+    batches = [order[s: s + batch_size] for s in range(0, len(order), batch_size)]
+    if group_by_length:
+        rng.shuffle(batches)
+    return batches
+
+
 def train_sft(model: Any, tokenizer: Any, examples: Sequence[Example], cfg: SFTConfig,
-              desc: str = "sft") -> dict[str, Any]:
-    """Train in place; returns steps, final loss, wall time and whether the time budget stopped it."""
+              desc: str = "sft", accelerator: Any = None) -> dict[str, Any]:
+    """Train in place; returns steps, final loss, wall time and whether the time budget stopped it.
+
+    With an `accelerate` Accelerator each process trains on its shard of the examples (the gradients
+    are averaged by accelerate's DDP wrapper); without one it is plain single-device PyTorch."""
     rng = random.Random(cfg.seed)
     torch.manual_seed(cfg.seed)
     data = tokenize_examples(tokenizer, examples)
-    steps_per_epoch = max(1, math.ceil(len(data) / cfg.batch_size))
+    shard = len(data)
+    if accelerator is not None:  # every process plans the same number of steps, or DDP would hang
+        shard = math.ceil(len(data) / accelerator.num_processes)
+        data = data[accelerator.process_index:: accelerator.num_processes]
+    steps_per_epoch = max(1, math.ceil(shard / cfg.batch_size))
     total_steps = max(1, int(steps_per_epoch * cfg.epochs))
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
     warmup = max(1, int(total_steps * cfg.warmup_frac))
@@ -73,34 +118,62 @@ def train_sft(model: Any, tokenizer: Any, examples: Sequence[Example], cfg: SFTC
         return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total_steps - warmup)))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
-    model.train()
+    train_model = model
+    if accelerator is not None:
+        train_model, opt, sched = accelerator.prepare(model, opt, sched)
+    device = next(model.parameters()).device
+    bf16 = use_bf16(cfg.bf16, device)
+    train_model.train()
     start = time.perf_counter()
     deadline = start + cfg.max_minutes * 60 if cfg.max_minutes else None
     step, ema, stopped_early = 0, None, False
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    bar = tqdm(total=total_steps, desc=desc, unit="step")
-    order: list[int] = []
+    lengths = [len(ids) for ids, _ in data]
+    bar = tqdm(total=total_steps, desc=desc, unit="step", disable=not _is_main(accelerator))
+    batches: list[list[int]] = []
     while step < total_steps:
-        if not order:
-            order = list(range(len(data)))
-            rng.shuffle(order)
-        idx, order = order[: cfg.batch_size], order[cfg.batch_size:]
-        batch = _collate([data[i] for i in idx], pad)
-        loss = model(**batch).loss
+        if not batches:
+            batches = epoch_batches(lengths, cfg.batch_size, rng, cfg.group_by_length)
+        batch = {k: v.to(device) for k, v in _collate([data[i] for i in batches.pop()], pad).items()}
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = train_model(**batch).loss
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        if accelerator is not None:
+            accelerator.backward(loss)
+            accelerator.clip_grad_norm_(train_model.parameters(), cfg.grad_clip)
+        else:
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
         sched.step()
         step += 1
         ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
         bar.update(1)
         bar.set_postfix(loss=f"{ema:.3f}")
-        if deadline and time.perf_counter() > deadline:
+        if deadline and _all_agree(time.perf_counter() > deadline, accelerator, device):
             stopped_early = True
             break
     bar.close()
     model.eval()
     return {"steps": step, "planned_steps": total_steps, "examples": len(data), "final_loss": ema,
-            "wall_s": time.perf_counter() - start, "stopped_by_time_budget": stopped_early,
+            "wall_s": time.perf_counter() - start, "stopped_by_time_budget": stopped_early, "bf16": bf16,
             "config": cfg.to_dict()}
+
+
+def padded_tokens_per_step(tokenizer: Any, examples: Sequence[Example], batch_size: int,
+                           group_by_length: bool = True, seed: int = 0) -> float:
+    """Mean padded tokens (batch x longest) of one epoch's batches: what a step costs, for budgeting."""
+    lengths = [len(ids) for ids, _ in tokenize_examples(tokenizer, examples)]
+    batches = epoch_batches(lengths, batch_size, random.Random(seed), group_by_length)
+    return sum(len(b) * max(lengths[i] for i in b) for b in batches) / max(1, len(batches))
+
+
+def _all_agree(flag: bool, accelerator: Any, device: torch.device) -> bool:
+    """A stop decision taken by every process together (any process past its deadline stops all)."""
+    if accelerator is None or accelerator.num_processes == 1:
+        return flag
+    return bool(accelerator.reduce(torch.tensor([float(flag)], device=device), reduction="sum").item() > 0)
+
+
+def _is_main(accelerator: Any) -> bool:
+    return accelerator is None or accelerator.is_main_process

@@ -27,15 +27,23 @@ def spell_history(bundle: Bundle, history: Sequence[str]) -> list[str]:
     return [bundle.spelled_id(bundle.index_of[i]) for i in history if i in bundle.index_of]
 
 
-def sequential_examples(bundle: Bundle, sequences: dict[str, list[str]], max_history: int = 10
-                        ) -> list[Example]:
-    """History -> next item ID, one example per position of every training sequence."""
+def sequential_examples(bundle: Bundle, sequences: dict[str, list[str]], max_history: int = 10,
+                        dense: bool = True) -> list[Example]:
+    """History -> next item ID, one example per position of every training sequence.
+
+    `dense`: the loss also covers the history's own items after the first (each is the next item of
+    those before it), about max_history times more supervision per token computed; measured on
+    amazon-industrial it is what lets a small model learn the item transitions in minutes."""
     out = []
     for seq in sequences.values():
         seq = [i for i in seq if i in bundle.index_of]
         for history, target in next_item_windows(seq, max_history):
-            out.append(Example(tokens.direct_prompt(spell_history(bundle, history)),
-                               bundle.spelled_id(bundle.index_of[target]), "sequential"))
+            spelled, answer = spell_history(bundle, history), bundle.spelled_id(bundle.index_of[target])
+            if dense:
+                head, rest = tokens.direct_prompt_split(spelled)
+                out.append(Example(head, rest + answer, "sequential"))
+            else:
+                out.append(Example(tokens.direct_prompt(spelled), answer, "sequential"))
     return out
 
 
@@ -97,11 +105,11 @@ def mix_examples(groups: dict[str, Sequence[Example]], weights: dict[str, float]
 
 
 def alignment_examples(bundle: Bundle, sequences: dict[str, list[str]], weights: dict[str, float] | None = None,
-                       max_history: int = 10, seed: int = 0) -> list[Example]:
+                       max_history: int = 10, seed: int = 0, dense_history: bool = True) -> list[Example]:
     """The collaborative-semantic alignment mix: history -> ID, text -> ID, ID -> title, titles -> ID."""
     weights = {**DEFAULT_TASK_WEIGHTS, **(weights or {})}
     builders = {
-        "sequential": lambda: sequential_examples(bundle, sequences, max_history),
+        "sequential": lambda: sequential_examples(bundle, sequences, max_history, dense_history),
         "text_to_id": lambda: text_to_id_examples(bundle),
         "id_to_title": lambda: id_to_title_examples(bundle),
         "titles_history": lambda: titles_history_examples(bundle, sequences, min(5, max_history)),

@@ -36,6 +36,7 @@ class HFTrieDecoder:
         self.tokenizer = tokenizer
         self.tokenizer.padding_side = "left"
         self.search = TrieBeamSearch(trie, code_token_ids)
+        self.device = next(model.parameters()).device
 
     def encode(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
         enc = self.tokenizer(list(prompts), return_tensors="pt", padding=True, add_special_tokens=False)
@@ -51,6 +52,7 @@ class HFTrieDecoder:
         batch = len(prompts) if prompt_ids is None else len(prompt_ids)
         filters = list(filters) if filters is not None else [None] * batch
         enc = self.encode(prompts) if prompt_ids is None else self._pad_ids(prompt_ids)
+        enc = {k: v.to(self.device) for k, v in enc.items()}
         mask = enc["attention_mask"]
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         out = self.model(input_ids=enc["input_ids"], attention_mask=mask, position_ids=positions,
@@ -67,12 +69,12 @@ class HFTrieDecoder:
         cache, mask, step = pre.cache, pre.mask, pre.step
         last_pos = pre.positions[:, -1]
         for _ in range(1, self.search.depth):
-            parent = torch.from_numpy(step.parent)
+            parent = torch.from_numpy(step.parent).to(self.device)
             # Copy each parent's cache rows to its children (on the first step: prompt -> beams).
             cache.batch_select_indices(parent)
-            mask = torch.cat([mask[parent], torch.ones(len(parent), 1, dtype=mask.dtype)], dim=-1)
+            mask = torch.cat([mask[parent], mask.new_ones(len(parent), 1)], dim=-1)
             last_pos = last_pos[parent] + 1
-            out = self.model(input_ids=torch.from_numpy(step.token)[:, None], attention_mask=mask,
+            out = self.model(input_ids=torch.from_numpy(step.token)[:, None].to(self.device), attention_mask=mask,
                              position_ids=last_pos[:, None], past_key_values=cache, use_cache=True)
             cache = out.past_key_values
             step = self.search.advance(step.state, self._logprobs(out.logits), widths, pre.filters)

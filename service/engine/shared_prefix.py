@@ -133,7 +133,8 @@ def _rank_within_prompt(prompt: np.ndarray) -> np.ndarray:
 
 
 def make_decoder(model: Any, tokenizer: Any, trie: Any, code_token_ids: Sequence[int]) -> HFTrieDecoder:
-    """The fastest decoder the model supports."""
-    if supports_shared_prefix(model):
+    """The fastest decoder the model supports. The shared-prefix attention is a CPU optimisation (it
+    saves copying each prompt's cache to its beams); on an accelerator the plain HF steps are used."""
+    if supports_shared_prefix(model) and next(model.parameters()).device.type == "cpu":
         return SharedPrefixDecoder(model, tokenizer, trie, code_token_ids)
     return HFTrieDecoder(model, tokenizer, trie, code_token_ids)

@@ -1,0 +1,229 @@
+"""The baselines every model is compared with in the same run (../shared/data/README.md lists them):
+popularity, last-item transitions, weighted transitions (weights tuned on valid) and SASRec (epochs
+tuned on valid). Full ranking over all items; history items are not excluded."""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from itertools import pairwise
+from typing import Any
+
+import numpy as np
+import torch
+from scipy import sparse
+from torch import nn
+from tqdm.auto import tqdm
+
+from training.data import EvalRow
+from training.evaluate import ranking_metrics
+
+
+def popularity_ranking(train: dict[str, list[str]], k: int) -> list[str]:
+    counts = Counter(i for seq in train.values() for i in seq)
+    return [i for i, _ in counts.most_common(k)]
+
+
+class TransitionBaseline:
+    """Last-item transitions (first-order Markov) with popularity back-off."""
+
+    def __init__(self, train: dict[str, list[str]]):
+        self.next: dict[str, Counter[str]] = defaultdict(Counter)
+        for seq in train.values():
+            for a, b in pairwise(seq):
+                self.next[a][b] += 1
+        self.popular = popularity_ranking(train, 200)
+
+    def rank(self, history: Sequence[str], k: int) -> list[str]:
+        out = [i for i, _ in self.next[history[-1]].most_common(k)] if history else []
+        seen = set(out)
+        out += [i for i in self.popular if i not in seen][: k - len(out)]
+        return out[:k]
+
+
+class WeightedTransitionBaseline:
+    """The strongest baseline of ../shared/data/README.md: a weighted sum of transition probabilities
+    from the last item, from the second-to-last item (skipping one), and two steps from the last item
+    (through any intermediate), with a small popularity back-off. The weights are tuned on valid rows
+    against sequences cut before them (`tune`), then the counts are refitted on all of train."""
+
+    GRID = (0.0, 0.1, 0.25, 0.5, 1.0)
+
+    def __init__(self, train: dict[str, list[str]], weights: tuple[float, float, float] = (1.0, 0.25, 0.25),
+                 popularity_weight: float = 1e-3):
+        self.weights, self.popularity_weight = weights, popularity_weight
+        self.items = sorted({i for seq in train.values() for i in seq})
+        self.index = {item: n for n, item in enumerate(self.items)}
+        n = len(self.items)
+        pairs: dict[int, list[tuple[int, int]]] = {1: [], 2: []}
+        for seq in train.values():
+            ids = [self.index[i] for i in seq]
+            for gap in (1, 2):
+                pairs[gap] += list(zip(ids[:-gap], ids[gap:]))
+
+        def row_normalised(edges: list[tuple[int, int]]) -> Any:
+            if not edges:
+                return sparse.csr_matrix((n, n))
+            a, b = zip(*edges)
+            m = sparse.csr_matrix((np.ones(len(a)), (a, b)), shape=(n, n))
+            sums = np.asarray(m.sum(axis=1)).ravel()
+            return sparse.diags(1 / np.maximum(sums, 1)) @ m
+
+        self.p1 = row_normalised(pairs[1])  # P(next | last)
+        self.p_skip = row_normalised(pairs[2])  # P(item two later | second-to-last)
+        self.p_two = (self.p1 @ self.p1).tocsr()  # P(two steps on | last)
+        counts = np.bincount([self.index[i] for seq in train.values() for i in seq], minlength=n)
+        self.popularity = counts / max(1, counts.sum())
+
+    def scores(self, history: Sequence[str]) -> Any:
+        w_last, w_skip, w_two = self.weights
+        out = self.popularity_weight * self.popularity
+        known = [self.index[i] for i in history if i in self.index]
+        if known:
+            out = out + w_last * self.p1[known[-1]].toarray().ravel() + w_two * self.p_two[known[-1]].toarray().ravel()
+        if len(known) >= 2:
+            out = out + w_skip * self.p_skip[known[-2]].toarray().ravel()
+        return out
+
+    def rank(self, history: Sequence[str], k: int) -> list[str]:
+        s = self.scores(history)
+        top = np.argpartition(-s, k)[:k]
+        return [self.items[i] for i in top[np.argsort(-s[top], kind="stable")]]
+
+    @classmethod
+    def tune(cls, cut_train: dict[str, list[str]], valid: Sequence[EvalRow], k: int = 10
+             ) -> tuple[tuple[float, float, float], float]:
+        """The weights with the best valid NDCG@10 (last-item weight fixed at 1), and that NDCG."""
+        model = cls(cut_train)
+        targets = [r.target for r in valid]
+        best: tuple[float, tuple[float, float, float]] = (-1.0, (1.0, 0.0, 0.0))
+        for w_skip in cls.GRID:
+            for w_two in cls.GRID:
+                model.weights = (1.0, w_skip, w_two)
+                ndcg = ranking_metrics([model.rank(r.history, k) for r in valid], targets, (k,))[f"NDCG@{k}"]
+                best = max(best, (ndcg, model.weights))
+        return best[1], best[0]
+
+
+class SASRec:
+    """SASRec (Kang & McAuley 2018) as in ../shared/data/README.md: item and position embeddings, 2
+    causal self-attention blocks of width 64, next-item prediction at every position with a full
+    softmax over the catalog (3.7k items: cheaper and stronger than sampled negatives). The number
+    of epochs is chosen on valid rows (`tune`), then the model is retrained on all of train."""
+
+    def __init__(self, items: Sequence[str], dim: int = 64, blocks: int = 2, heads: int = 2, max_len: int = 50,
+                 dropout: float = 0.2, seed: int = 0):
+        self.items = list(items)
+        self.index = {item: n + 1 for n, item in enumerate(self.items)}  # 0 pads
+        self.max_len = max_len
+        torch.manual_seed(seed)
+        self.net = _SASRecNet(len(self.items) + 1, dim, blocks, heads, max_len, dropout)
+        self.seed = seed
+
+    def _encode(self, seqs: Sequence[Sequence[str]], length: int) -> Any:
+        out = torch.zeros((len(seqs), length), dtype=torch.long)
+        for row, seq in enumerate(seqs):
+            ids = [self.index[i] for i in seq if i in self.index][-length:]
+            if ids:
+                out[row, length - len(ids):] = torch.tensor(ids)
+        return out
+
+    def fit(self, train: dict[str, list[str]], epochs: int, batch_size: int = 128, lr: float = 1e-3,
+            on_epoch: Any = None) -> SASRec:
+        """Train for `epochs`; `on_epoch(epoch)` is called after each (for tuning)."""
+        seqs = self._encode([s[-(self.max_len + 1):] for s in train.values() if len(s) > 1], self.max_len + 1)
+        gen = torch.Generator().manual_seed(self.seed)
+        opt = torch.optim.Adam(self.net.parameters(), lr=lr, betas=(0.9, 0.98))
+        for epoch in tqdm(range(1, epochs + 1), desc="SASRec", unit="epoch", leave=False):
+            self.net.train()
+            for batch in seqs[torch.randperm(len(seqs), generator=gen)].split(batch_size):
+                inputs, targets = batch[:, :-1], batch[:, 1:]
+                logits = self.net(inputs)
+                loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                                         ignore_index=0)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            if on_epoch is not None:
+                on_epoch(epoch)
+        self.net.eval()
+        return self
+
+    def rank_many(self, histories: Sequence[Sequence[str]], k: int) -> list[list[str]]:
+        self.net.eval()
+        out: list[list[str]] = []
+        with torch.inference_mode():
+            for start in range(0, len(histories), 512):
+                logits = self.net(self._encode(histories[start: start + 512], self.max_len))[:, -1]
+                logits[:, 0] = float("-inf")
+                out += [[self.items[i - 1] for i in row] for row in logits.topk(k, dim=-1).indices.tolist()]
+        return out
+
+    @classmethod
+    def tune(cls, cut_train: dict[str, list[str]], valid: Sequence[EvalRow], items: Sequence[str],
+             max_epochs: int = 60, every: int = 5, k: int = 10) -> tuple[int, float]:
+        """The epoch count (a multiple of `every`) with the best valid NDCG@k, and that NDCG."""
+        model = cls(items)
+        targets = [r.target for r in valid]
+        scores: dict[int, float] = {}
+
+        def check(epoch: int) -> None:
+            if epoch % every == 0:
+                ranked = model.rank_many([r.history for r in valid], k)
+                scores[epoch] = ranking_metrics(ranked, targets, (k,))[f"NDCG@{k}"]
+                model.net.train()
+
+        model.fit(cut_train, max_epochs, on_epoch=check)
+        best = max(scores, key=lambda e: (scores[e], -e))
+        return best, scores[best]
+
+
+class _SASRecNet(nn.Module):
+    def __init__(self, n_items: int, dim: int, blocks: int, heads: int, max_len: int, dropout: float):
+        super().__init__()
+        self.dim = dim
+        self.item = nn.Embedding(n_items, dim, padding_idx=0)
+        self.pos = nn.Embedding(max_len, dim)
+        layer = nn.TransformerEncoderLayer(dim, heads, dim_feedforward=dim, dropout=dropout, batch_first=True,
+                                           norm_first=True)
+        self.blocks = nn.TransformerEncoder(layer, blocks, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(dim)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        length = ids.shape[1]
+        x = self.drop(self.item(ids) * self.dim ** 0.5 + self.pos(torch.arange(length))[None])
+        causal = torch.triu(torch.full((length, length), float("-inf")), diagonal=1)
+        # Sequences are left padded, so every row's last position sees its real items; padded keys
+        # are not masked, which would leave the padded positions with no key at all (NaN).
+        return self.norm(self.blocks(x, mask=causal)) @ self.item.weight.T
+
+
+def baseline_rows(train: dict[str, list[str]], rows: Sequence[EvalRow], k: int = 10,
+                  valid: Sequence[EvalRow] | None = None, sasrec: bool = True) -> dict[str, dict]:
+    """Popularity, last-item transitions and, given valid rows to tune on, weighted transitions and
+    SASRec (tuned against train sequences cut before the valid rows, then refitted on all of train)."""
+    targets = [r.target for r in rows]
+    pop = popularity_ranking(train, k)
+    trans = TransitionBaseline(train)
+    out = {
+        "popularity": ranking_metrics([pop] * len(rows), targets),
+        "last-item transitions": ranking_metrics([trans.rank(r.history, k) for r in rows], targets),
+    }
+    if valid:
+        from training.tasks import holdout_sequences
+
+        cut = holdout_sequences(train, valid)
+        weights, _ = WeightedTransitionBaseline.tune(cut, valid, k)
+        weighted = WeightedTransitionBaseline(train, weights)
+        out["weighted transitions"] = {**ranking_metrics([weighted.rank(r.history, k) for r in rows], targets),
+                                       "weights": list(weights)}
+        if sasrec:
+            items = sorted({i for seq in train.values() for i in seq} | {r.target for r in valid})
+            epochs, _ = SASRec.tune(cut, valid, items, k=k)
+            model = SASRec(items).fit(train, epochs)
+            out["SASRec"] = {**ranking_metrics(model.rank_many([r.history for r in rows], k), targets),
+                             "epochs": epochs}
+    return out
+
+
