@@ -130,7 +130,7 @@ class SASRec:
 
     def fit(self, train: dict[str, list[str]], epochs: int, batch_size: int = 128, lr: float = 1e-3,
             on_epoch: Any = None) -> SASRec:
-        """Train for `epochs`; `on_epoch(epoch)` is called after each (for tuning)."""
+        """Train for `epochs`; `on_epoch(epoch)` is called after each and stops training by returning True."""
         seqs = self._encode([s[-(self.max_len + 1):] for s in train.values() if len(s) > 1], self.max_len + 1)
         gen = torch.Generator().manual_seed(self.seed)
         opt = torch.optim.Adam(self.net.parameters(), lr=lr, betas=(0.9, 0.98))
@@ -144,8 +144,8 @@ class SASRec:
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
-            if on_epoch is not None:
-                on_epoch(epoch)
+            if on_epoch is not None and on_epoch(epoch):
+                break
         self.net.eval()
         return self
 
@@ -161,17 +161,21 @@ class SASRec:
 
     @classmethod
     def tune(cls, cut_train: dict[str, list[str]], valid: Sequence[EvalRow], items: Sequence[str],
-             max_epochs: int = 60, every: int = 5, k: int = 10) -> tuple[int, float]:
-        """The epoch count (a multiple of `every`) with the best valid NDCG@k, and that NDCG."""
+             max_epochs: int = 60, every: int = 5, k: int = 10, patience: int = 2) -> tuple[int, float]:
+        """The epoch count (a multiple of `every`) with the best valid NDCG@k, and that NDCG; stops after
+        `patience` checks without improvement."""
         model = cls(items)
         targets = [r.target for r in valid]
         scores: dict[int, float] = {}
 
-        def check(epoch: int) -> None:
-            if epoch % every == 0:
-                ranked = model.rank_many([r.history for r in valid], k)
-                scores[epoch] = ranking_metrics(ranked, targets, (k,))[f"NDCG@{k}"]
-                model.net.train()
+        def check(epoch: int) -> bool:
+            if epoch % every:
+                return False
+            ranked = model.rank_many([r.history for r in valid], k)
+            scores[epoch] = ranking_metrics(ranked, targets, (k,))[f"NDCG@{k}"]
+            model.net.train()
+            best = max(scores, key=lambda e: (scores[e], -e))
+            return epoch - best >= patience * every
 
         model.fit(cut_train, max_epochs, on_epoch=check)
         best = max(scores, key=lambda e: (scores[e], -e))

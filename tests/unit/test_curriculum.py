@@ -98,3 +98,18 @@ def test_teacher_failure_falls_back_to_templates(bundle_and_sequences, tmp_path:
     examples = curriculum_examples(bundle, few, stages=4, teacher=teacher)
     assert examples and teacher.failures == len(examples)
     assert all("Evidence:" in e.completion for e in examples)
+
+
+def test_dense_sequential_examples_teach_every_history_item(bundle_and_sequences) -> None:
+    from training.tasks import sequential_examples
+
+    bundle, seqs = bundle_and_sequences
+    dense = sequential_examples(bundle, seqs, max_history=10, dense=True)
+    plain = sequential_examples(bundle, seqs, max_history=10, dense=False)
+    assert len(dense) == len(plain) > 0
+    for d, p in zip(dense, plain, strict=True):
+        # The same text; the loss starts after the first history item instead of after the prompt.
+        assert d.prompt + d.completion == p.prompt + p.completion
+        assert d.prompt.startswith(tokens.PREAMBLE + tokens.HISTORY_START)
+        assert bundle.id_format.parse(d.prompt[len(tokens.PREAMBLE) + len(tokens.HISTORY_START):])
+        assert d.completion.endswith(p.completion) and len(d.completion) > len(p.completion)
