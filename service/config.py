@@ -72,9 +72,8 @@ class Settings(BaseSettings):
     default_beams: int = Field(10, ge=1, le=1000)
     queue_max: int = Field(256, ge=1)
     max_batch: int = Field(32, ge=1)
-    batch_wait_ms: float = Field(10.0, ge=0, description="wait for a batch to fill to the size of recent ones: "
-                                                         "this or a quarter of the batch time, whichever is "
-                                                         "longer (a lone caller never waits)")
+    batch_wait_ms: float = Field(10.0, ge=0, description="longest wait for a batch to fill to the size of the "
+                                                         "last one (a lone caller never waits)")
     max_concurrent_reasoning: int = Field(16, ge=1)
     reasoning_temperature: float = Field(0.0, ge=0, description="0 = greedy")
     torch_threads: int | None = Field(None, ge=1)

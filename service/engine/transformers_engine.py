@@ -3,8 +3,8 @@
 All model and tokenizer work runs on ONE worker thread, so the event loop never blocks and torch
 never runs two forwards at once on this CPU. Top-k requests wait in a bounded queue (full ->
 EngineOverloaded, which the gateway turns into 429 + Retry-After) and are gathered into batches of up
-to `max_batch`, waiting for as many callers as recent batches held, at most `batch_wait_ms` or a
-quarter of the recent batch time, whichever is longer. Reasoning streams submit one decoding step at a time to the same thread, so they interleave fairly with batches and stop as soon as their
+to `max_batch`, waiting at most `batch_wait_ms` for as many callers as recent batches held. Reasoning streams submit one decoding
+step at a time to the same thread, so they interleave fairly with batches and stop as soon as their
 consumer goes away (the next step is simply never submitted).
 """
 
@@ -48,10 +48,6 @@ from service.engine.hf_decoder import HFTrieDecoder
 from service.engine.shared_prefix import make_decoder
 
 log = logging.getLogger("gream.engine")
-
-# Under load, how long (as a share of the last batches' run time) the batcher may wait for the
-# callers it expects: at most this much latency for one forward pass per round instead of two.
-WAIT_FRACTION_OF_BATCH = 0.25
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -264,10 +260,8 @@ class TransformersEngine(Engine):
             # never waits; under load, the callers answered by the last batches come back within a few
             # ms, and waiting for them keeps one forward pass per round instead of splitting it (the
             # max, not the last size, so a split round does not teach the batcher to keep splitting).
-            # The wait scales with the batch time: behind a gateway, answering 32 callers and parsing
-            # their next requests takes longer than a fixed 10 ms, and a round cut short runs twice.
             expected = min(self.max_batch, max(self._recent_batch_sizes, default=1))
-            deadline = time.perf_counter() + max(self.batch_wait_s, WAIT_FRACTION_OF_BATCH * self._batch_seconds)
+            deadline = time.perf_counter() + self.batch_wait_s
             while len(batch) < expected and time.perf_counter() < deadline:
                 await asyncio.sleep(0.0005)
                 self._drain(batch)
