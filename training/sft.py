@@ -74,7 +74,7 @@ def cpu_has_bf16() -> bool:
 
 def use_bf16(setting: bool | str, device: torch.device) -> bool:
     if setting == "auto":
-        return device.type == "cuda" and torch.cuda.is_bf16_supported() or device.type == "cpu" and cpu_has_bf16()
+        return (device.type == "cuda" and torch.cuda.is_bf16_supported()) or (device.type == "cpu" and cpu_has_bf16())
     return bool(setting)
 
 
