@@ -93,7 +93,7 @@ class WeightedTransitionBaseline:
     @classmethod
     def tune(cls, cut_train: dict[str, list[str]], valid: Sequence[EvalRow], k: int = 10
              ) -> tuple[tuple[float, float, float], float]:
-        """The weights with the best valid NDCG@10 (last-item weight fixed at 1), and that NDCG."""
+        """The weights with the best valid NDCG@k (last-item weight fixed at 1), and that NDCG."""
         model = cls(cut_train)
         targets = [r.target for r in valid]
         best: tuple[float, tuple[float, float, float]] = (-1.0, (1.0, 0.0, 0.0))

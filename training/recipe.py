@@ -14,8 +14,8 @@ JSON/TOML file that may name a preset as `base` and override any key. Each stage
 to its share of `--max-minutes` by timing a few steps first, so the learning-rate schedule completes.
 
 Runs unchanged under `accelerate launch` / `torchrun`: when accelerate is installed an Accelerator
-wraps the optimisation of every stage, each
-process takes its shard of the prompts, and only the main process evaluates and writes bundles.
+wraps the optimisation of every stage, each process takes its shard of the examples and prompts, and
+only the main process evaluates and writes bundles.
 """
 
 from __future__ import annotations
