@@ -13,6 +13,7 @@ import numpy as np
 
 from model_store.bundle import Bundle, BundleError, load_bundle, save_bundle
 from model_store.catalog import TEXT_FIELDS, Item, fused_text, read_catalog
+from model_store.prior import TransitionPrior
 from model_store.semantic_ids import (
     DEFAULT_EMBEDDER,
     QuantizerConfig,
@@ -65,7 +66,8 @@ def make_tokenizer(items: Sequence[Item], cfg: BuildConfig) -> Any:
 def build_bundle(items: Sequence[Item] | str | Path, out: str | Path, cfg: BuildConfig | None = None, *,
                  interactions: str | Path | None = None, popularity: np.ndarray | None = None,
                  model: Any | None = None, tokenizer: Any | None = None, vectors: np.ndarray | None = None,
-                 overwrite: bool = False, log: Any = print) -> tuple[Path, dict[str, Any]]:
+                 prior: TransitionPrior | None = None, overwrite: bool = False, log: Any = print
+                 ) -> tuple[Path, dict[str, Any]]:
     """Build a bundle; returns its path and build statistics (timings included)."""
     cfg = cfg or BuildConfig()
     t0 = time.perf_counter()
@@ -90,7 +92,7 @@ def build_bundle(items: Sequence[Item] | str | Path, out: str | Path, cfg: Build
     path = save_bundle(out, items=list(items), codes=sem.codes, codebooks=sem.codebooks,
                        id_format=cfg.quantizer.id_format, tokenizer=tokenizer, model=model,
                        popularity=popularity, settings=cfg.settings(vectors.shape[1]), stats=stats,
-                       overwrite=overwrite)
+                       prior=prior, overwrite=overwrite)
     timings["save_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - t0
     return path, {**stats, "timings": timings}
@@ -128,5 +130,6 @@ def add_items(bundle_dir: str | Path, new_items: Iterable[Item] | str | Path, ou
              "parent_bundle": bundle.version}
     path = save_bundle(out, items=bundle.items + new, codes=codes, codebooks=bundle.codebooks, id_format=fmt,
                        tokenizer=tokenizer, model=model, popularity=popularity, settings=settings,
-                       stats=stats, overwrite=overwrite)
+                       stats=stats, prior=None if bundle.prior is None else bundle.prior.extended(len(codes)),
+                       overwrite=overwrite)
     return path, stats

@@ -7,6 +7,7 @@ Layout:
     codebooks.npy       float32 [levels, codebook_size, dim] (for adding items later)
     trie.npz            flat trie arrays (model_store.trie)
     popularity.npy      float32 [items] interaction counts (fallback for users without history)
+    prior.npz           optional collaborative prior (model_store.prior), settings in the manifest
     tokenizer/          Hugging Face tokenizer with the ID and special tokens
     model/              Hugging Face causal LM (config.json + model.safetensors), when trained
 
@@ -29,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from model_store.catalog import Item, read_catalog, write_catalog
+from model_store.prior import PriorSettings, TransitionPrior
 from model_store.semantic_ids import id_stats, prefix_coherence
 from model_store.tokens import PROMPT_SETTINGS, IdFormat
 from model_store.trie import ItemTrie
@@ -37,6 +39,7 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 TOKENIZER_DIR = "tokenizer"
 MODEL_DIR = "model"
+PRIOR_FILE = "prior.npz"
 
 
 class BundleError(RuntimeError):
@@ -52,6 +55,7 @@ class Bundle:
     codebooks: np.ndarray
     trie: ItemTrie
     popularity: np.ndarray
+    prior: TransitionPrior | None = None  # fused into decoding when present (model_store.prior)
     index_of: dict[str, int] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -78,6 +82,15 @@ class Bundle:
         if not self.has_model:
             raise BundleError(f"bundle {self.path} has no model; train one (gream train) or use gream demo")
         return self.path / MODEL_DIR
+
+    @property
+    def prompt_history(self) -> int | None:
+        """How many of the newest history items the model was trained to read (None: not recorded)."""
+        value = self.manifest.get("settings", {}).get("prompt_history")
+        if value is None:  # bundles trained before the setting existed record it in their training config
+            config = self.manifest.get("stats", {}).get("training", {}).get("config", {})
+            value = config.get("align", {}).get("max_history")
+        return int(value) if value else None
 
     def spelled_id(self, index: int) -> str:
         return self.id_format.spell(self.codes[index])
@@ -118,13 +131,15 @@ def save_bundle(out: str | Path, *, items: list[Item], codes: np.ndarray, codebo
                 id_format: IdFormat, tokenizer: Any, model: Any | None = None,
                 popularity: np.ndarray | None = None, settings: dict[str, Any] | None = None,
                 stats: dict[str, Any] | None = None, version: str | None = None,
-                overwrite: bool = False) -> Path:
+                prior: TransitionPrior | None = None, overwrite: bool = False) -> Path:
     """Write a complete bundle to `out` atomically (a temporary sibling folder renamed into place)."""
     out = Path(out)
     if out.exists() and not overwrite:
         raise BundleError(f"{out} already exists; choose another --out or pass --overwrite")
     if len(items) != len(codes):
         raise BundleError(f"{len(items)} items but {len(codes)} semantic IDs")
+    if prior is not None and prior.num_items != len(items):
+        raise BundleError(f"the prior covers {prior.num_items} items, the catalog has {len(items)}")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
@@ -134,6 +149,8 @@ def save_bundle(out: str | Path, *, items: list[Item], codes: np.ndarray, codebo
         ItemTrie.build(codes, id_format).save(tmp / "trie.npz")
         pop = np.zeros(len(items), np.float32) if popularity is None else np.asarray(popularity, np.float32)
         np.save(tmp / "popularity.npy", pop)
+        if prior is not None:
+            prior.save(tmp / PRIOR_FILE)
         tokenizer.save_pretrained(str(tmp / TOKENIZER_DIR))
         if model is not None:
             model.save_pretrained(str(tmp / MODEL_DIR), safe_serialization=True)
@@ -145,6 +162,7 @@ def save_bundle(out: str | Path, *, items: list[Item], codes: np.ndarray, codebo
             "id_format": id_format.to_dict(),
             "prompt_format": PROMPT_SETTINGS,
             "has_model": model is not None,
+            "prior": None if prior is None else prior.settings.to_dict(),
             "settings": settings or {},
             "stats": stats or {},
             "files": files,
@@ -206,9 +224,15 @@ def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
     if trie.num_items != len(items) or len(codes) != len(items):
         raise BundleError(f"bundle {path} is inconsistent: {len(items)} items, {len(codes)} IDs, "
                           f"{trie.num_items} trie leaves")
+    prior = None
+    if manifest.get("prior") is not None:
+        prior = TransitionPrior.load(path / PRIOR_FILE, PriorSettings.from_dict(manifest["prior"]))
+        if prior.num_items != len(items):
+            raise BundleError(f"bundle {path} is inconsistent: the prior covers {prior.num_items} items, "
+                              f"the catalog {len(items)}")
     return Bundle(path=path, manifest=manifest, items=items, codes=codes,
                   codebooks=np.load(path / "codebooks.npy"), trie=trie,
-                  popularity=np.load(path / "popularity.npy"))
+                  popularity=np.load(path / "popularity.npy"), prior=prior)
 
 
 def inspect_bundle(bundle: Bundle) -> dict[str, Any]:
@@ -228,6 +252,7 @@ def inspect_bundle(bundle: Bundle) -> dict[str, Any]:
                                              bundle.codes[:, 0]),
         },
         "has_model": bundle.has_model,
+        "prior": bundle.manifest.get("prior"),
         "embedding": bundle.manifest.get("settings", {}).get("embedding"),
         "prompt_format": bundle.manifest["prompt_format"]["version"],
         "training": bundle.manifest.get("stats", {}).get("training"),

@@ -9,10 +9,13 @@ import numpy as np
 
 
 def make_tiny_bundle(out: Path, n_items: int = 300, seed: int = 0, with_model: bool = True,
-                     levels: int = 3, codebook_size: int = 8, dedup_size: int = 16) -> Path:
-    """A complete bundle (items with titles and brands, IDs, trie, tokenizer, optional model)."""
+                     levels: int = 3, codebook_size: int = 8, dedup_size: int = 16, with_prior: bool = True) -> Path:
+    """A complete bundle (items with titles and brands, IDs, trie, tokenizer, optional model). Its
+    collaborative prior is counted from sequences where item i is always followed by item i + 1 (mod n),
+    so a test can tell whether decoding fused it."""
     from model_store.builder import BuildConfig, build_bundle, make_tokenizer
     from model_store.catalog import Item
+    from model_store.prior import TransitionPrior
     from model_store.semantic_ids import QuantizerConfig
 
     rng = np.random.default_rng(seed)
@@ -31,6 +34,10 @@ def make_tiny_bundle(out: Path, n_items: int = 300, seed: int = 0, with_model: b
 
         model = build_scratch_model(SCRATCH_PRESETS["demo"], tokenizer)
     popularity = rng.integers(0, 50, n_items).astype(np.float32)
+    prior = None
+    if with_prior:
+        prior = TransitionPrior.fit(([s % n_items, (s + 1) % n_items, (s + 2) % n_items] for s in range(n_items)),
+                                    n_items)
     path, _ = build_bundle(items, out, cfg, vectors=vectors, tokenizer=tokenizer, model=model,
-                           popularity=popularity, overwrite=True, log=lambda *a: None)
+                           popularity=popularity, prior=prior, overwrite=True, log=lambda *a: None)
     return path

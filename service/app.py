@@ -258,7 +258,8 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None,
                 await eng.start()
             app.state.engine = eng
             app.state.recommender = Recommender(bundle, eng, store, history_cap=settings.history_cap,
-                                                drop_chunk=settings.history_drop_chunk, metrics=metrics)
+                                                drop_chunk=settings.history_drop_chunk, metrics=metrics,
+                                                use_prior=settings.use_prior)
             metrics.info.labels(bundle.version, eng.name).set(1)
             app.state.starting = False
             log.info("gateway ready", extra={"model_version": bundle.version, "engine": eng.name,

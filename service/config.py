@@ -70,6 +70,8 @@ class Settings(BaseSettings):
 
     # ------------------------------------------------------------------ engine tuning
     default_beams: int = Field(10, ge=1, le=1000)
+    use_prior: bool = Field(True, description="fuse the bundle's collaborative prior (model_store.prior) into "
+                                              "the beam scores; no effect for bundles without one")
     queue_max: int = Field(256, ge=1)
     max_batch: int = Field(32, ge=1)
     batch_wait_ms: float = Field(10.0, ge=0, description="longest wait for a batch to fill to the size of the "

@@ -87,8 +87,12 @@ class StreamDone:
 
 class Recommender:
     def __init__(self, bundle: Bundle, engine: Engine, store: HistoryStore, *, history_cap: int = 50,
-                 drop_chunk: int = 10, metrics: Metrics | None = None):
+                 drop_chunk: int = 10, metrics: Metrics | None = None, use_prior: bool = True):
         self.bundle = bundle
+        self.use_prior = use_prior  # send the history so the engine fuses the bundle's collaborative prior
+        # Prompts hold at most the window the model was trained on (and evaluated with): longer prompts
+        # put items at positions it never learned.
+        self.prompt_window = bundle.prompt_history
         self.engine = engine
         self.store = store
         self.history_cap = history_cap
@@ -132,13 +136,16 @@ class Recommender:
             exclude.update(full)
         allow = frozenset(resolved["allow_items"]) if query.allow_items is not None else None
         used = truncate_history(full, self.history_cap, self.drop_chunk)
+        if self.prompt_window is not None and len(used) > self.prompt_window:
+            used = used[-self.prompt_window:]
         return Plan(request_id, query, used, source, frozenset(exclude), allow)  # type: ignore[arg-type]
 
     def engine_request(self, plan: Plan, reasoning: bool = False) -> EngineRequest:
         spelled = [self.bundle.spelled_id(i) for i in plan.history]
         prompt = reasoning_prompt(spelled) if reasoning else direct_prompt(spelled)
         return EngineRequest(request_id=plan.request_id, prompt=prompt, k=plan.query.k,
-                             exclude=plan.exclude, allow=plan.allow)
+                             exclude=plan.exclude, allow=plan.allow,
+                             history=tuple(plan.history) if self.use_prior else None)
 
     # ------------------------------------------------------------------ answers
     async def recommend(self, query: Query, request_id: str) -> Result:

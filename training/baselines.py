@@ -11,10 +11,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from scipy import sparse
 from torch import nn
 from tqdm.auto import tqdm
 
+from model_store.prior import PriorSettings, TransitionPrior
 from training.data import EvalRow
 from training.evaluate import ranking_metrics
 
@@ -45,45 +45,28 @@ class WeightedTransitionBaseline:
     """The strongest baseline of ../shared/data/README.md: a weighted sum of transition probabilities
     from the last item, from the second-to-last item (skipping one), and two steps from the last item
     (through any intermediate), with a small popularity back-off. The weights are tuned on valid rows
-    against sequences cut before them (`tune`), then the counts are refitted on all of train."""
+    against sequences cut before them (`tune`), then the counts are refitted on all of train. The
+    counting is model_store.prior's, the collaborative prior that decoding can fuse with the model."""
 
     GRID = (0.0, 0.1, 0.25, 0.5, 1.0)
 
     def __init__(self, train: dict[str, list[str]], weights: tuple[float, float, float] = (1.0, 0.25, 0.25),
                  popularity_weight: float = 1e-3):
-        self.weights, self.popularity_weight = weights, popularity_weight
         self.items = sorted({i for seq in train.values() for i in seq})
         self.index = {item: n for n, item in enumerate(self.items)}
-        n = len(self.items)
-        pairs: dict[int, list[tuple[int, int]]] = {1: [], 2: []}
-        for seq in train.values():
-            ids = [self.index[i] for i in seq]
-            for gap in (1, 2):
-                pairs[gap] += list(zip(ids[:-gap], ids[gap:]))
+        self.prior = TransitionPrior.fit(([self.index[i] for i in seq] for seq in train.values()), len(self.items),
+                                         PriorSettings(weights=weights, popularity_weight=popularity_weight))
 
-        def row_normalised(edges: list[tuple[int, int]]) -> Any:
-            if not edges:
-                return sparse.csr_matrix((n, n))
-            a, b = zip(*edges)
-            m = sparse.csr_matrix((np.ones(len(a)), (a, b)), shape=(n, n))
-            sums = np.asarray(m.sum(axis=1)).ravel()
-            return sparse.diags(1 / np.maximum(sums, 1)) @ m
+    @property
+    def weights(self) -> tuple[float, float, float]:
+        return self.prior.settings.weights
 
-        self.p1 = row_normalised(pairs[1])  # P(next | last)
-        self.p_skip = row_normalised(pairs[2])  # P(item two later | second-to-last)
-        self.p_two = (self.p1 @ self.p1).tocsr()  # P(two steps on | last)
-        counts = np.bincount([self.index[i] for seq in train.values() for i in seq], minlength=n)
-        self.popularity = counts / max(1, counts.sum())
+    @weights.setter
+    def weights(self, value: tuple[float, float, float]) -> None:
+        self.prior = self.prior.with_settings(weights=tuple(value))
 
     def scores(self, history: Sequence[str]) -> Any:
-        w_last, w_skip, w_two = self.weights
-        out = self.popularity_weight * self.popularity
-        known = [self.index[i] for i in history if i in self.index]
-        if known:
-            out = out + w_last * self.p1[known[-1]].toarray().ravel() + w_two * self.p_two[known[-1]].toarray().ravel()
-        if len(known) >= 2:
-            out = out + w_skip * self.p_skip[known[-2]].toarray().ravel()
-        return out
+        return self.prior.scores([self.index[i] for i in history if i in self.index])
 
     def rank(self, history: Sequence[str], k: int) -> list[str]:
         s = self.scores(history)

@@ -2,8 +2,9 @@
 
     gream train --data DIR --out BUNDLE [--config tiny|small|FILE] [--stages align,reason,srpo]
                 [--max-minutes N] [--items ITEMS.jsonl] [--teacher-url URL]
+    gream prior --bundle BUNDLE --data DIR --out NEW_BUNDLE [--strength S] [--floor F] [--holdout-valid]
     gream eval --bundle BUNDLE --data DIR [--mode direct|reasoning|both] [--with-stages]
-               [--report OUT.json] [--plot OUT.png]
+               [--prior both|off|only] [--report OUT.json] [--plot OUT.png]
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 
 def _log(msg: str) -> None:
@@ -44,7 +46,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     bundle = load_bundle(args.bundle)
     data = InteractionData.load(args.data)
-    rows = data.test[: args.limit] if args.limit else data.test
+    split = data.valid if args.split == "valid" else data.test
+    rows = split[: args.limit] if args.limit else split
     modes = ["direct", "reasoning"] if args.mode == "both" else [args.mode]
     targets: list[tuple[str, object]] = []
     if args.with_stages:
@@ -61,12 +64,24 @@ def cmd_eval(args: argparse.Namespace) -> int:
         tokenizer = AutoTokenizer.from_pretrained(str(b.tokenizer_path))
         model = load_bundle_model(b.model_path)
         stage_modes = modes if (label != STAGE_LABELS["align"] or not args.with_stages) else ["direct"]
-        metrics.update(evaluate_modes(model, tokenizer, b, rows, stage_modes, label, beams=args.beams,
-                                      reasoning_rows=args.reasoning_limit, reasoning_tokens=args.reasoning_tokens))
+        variants = [(label, None)] if args.prior != "only" or b.prior is None else []
+        if b.prior is not None and args.prior != "off":
+            variants += prior_variants(label, b.prior, args.prior_strengths, args.prior_floors)
+        for name, prior in variants:
+            metrics.update(evaluate_modes(model, tokenizer, b, rows, stage_modes, name, beams=args.beams,
+                                          reasoning_rows=args.reasoning_limit,
+                                          reasoning_tokens=args.reasoning_tokens, prior=prior))
         timings[label] = time.perf_counter() - t
-    metrics.update(baseline_rows(data.train, rows, 10, valid=data.valid))
+    if args.split == "valid":
+        from training.tasks import holdout_sequences
+
+        # Valid targets are inside train.jsonl: count the baselines on train cut before the valid rows.
+        base_train = holdout_sequences(data.train, data.valid)
+    else:
+        base_train = data.train
+    metrics.update(baseline_rows(base_train, rows, 10, valid=data.valid, sasrec=not args.no_sasrec))
     print(format_table({n: {k: v for k, v in m.items() if "@" in k} for n, m in metrics.items()}))
-    report = {"bundle": bundle.version, "rows": len(rows), "beams": args.beams, "modes": modes,
+    report = {"bundle": bundle.version, "split": args.split, "rows": len(rows), "beams": args.beams, "modes": modes,
               "metrics": metrics, "eval_seconds": timings,
               "training_timings": bundle.manifest.get("stats", {}).get("training", {}).get("timings")}
     if args.report:
@@ -78,6 +93,51 @@ def cmd_eval(args: argparse.Namespace) -> int:
         plot_report(metrics, args.plot)
         _log(f"plot -> {args.plot}")
     return 0
+
+
+def cmd_prior(args: argparse.Namespace) -> int:
+    """A new bundle version with the collaborative prior refitted from DATA (same model and IDs)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from model_store.bundle import load_bundle, save_bundle
+    from training.data import InteractionData
+    from training.recipe import fit_prior
+    from training.tasks import holdout_sequences
+
+    bundle = load_bundle(args.bundle)
+    data = InteractionData.load(args.data)
+    train = holdout_sequences(data.train, data.valid) if args.holdout_valid else data.train
+    cfg = {"enabled": True, "tune_weights": not args.no_tune,
+           **{k: v for k, v in (("strength", args.strength), ("floor", args.floor)) if v is not None}}
+    prior = fit_prior(bundle, train, data.valid, cfg, _log)
+    tokenizer = AutoTokenizer.from_pretrained(str(bundle.tokenizer_path), local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(str(bundle.model_path), local_files_only=True) \
+        if bundle.has_model else None
+    stats = {**bundle.manifest.get("stats", {}), "prior_refit": {"data": str(args.data), "parent_bundle": bundle.version,
+                                                                  "holdout_valid": args.holdout_valid}}
+    path = save_bundle(args.out, items=bundle.items, codes=bundle.codes, codebooks=bundle.codebooks,
+                       id_format=bundle.id_format, tokenizer=tokenizer, model=model, popularity=bundle.popularity,
+                       settings=bundle.manifest.get("settings"), stats=stats, prior=prior, overwrite=args.overwrite)
+    print(json.dumps({"bundle": str(path), "prior": prior.settings.to_dict()}, indent=2))
+    return 0
+
+
+def _floats(text: str | None) -> list[float]:
+    return [float(x) for x in text.split(",") if x.strip()] if text else []
+
+
+def prior_variants(label: str, prior: Any, strengths: str | None, floors: str | None) -> list[tuple[str, Any]]:
+    """The bundle's prior, or one variant per (strength, floor) asked for (tuning on valid)."""
+    grid = [(s, f) for s in _floats(strengths) or [None] for f in _floats(floors) or [None]]
+    if grid == [(None, None)]:
+        return [(f"{label} +prior", prior)]
+    out = []
+    for strength, floor in grid:
+        changes = {k: v for k, v in (("strength", strength), ("floor", floor)) if v is not None}
+        variant = prior.with_settings(**changes)
+        out.append((f"{label} +prior(strength={variant.settings.strength:g}, floor={variant.settings.floor:g})",
+                    variant))
+    return out
 
 
 def add_training_commands(sub: argparse._SubParsersAction) -> None:
@@ -94,16 +154,36 @@ def add_training_commands(sub: argparse._SubParsersAction) -> None:
     tr.add_argument("--teacher-model", default="default", help="model name sent to the teacher endpoint")
     tr.set_defaults(func=cmd_train)
 
+    pr = sub.add_parser("prior", help="refit a bundle's collaborative prior from fresh interactions (new version)")
+    pr.add_argument("--bundle", required=True)
+    pr.add_argument("--data", required=True, help="folder with train.jsonl and valid.jsonl")
+    pr.add_argument("--out", required=True, help="bundle folder to write")
+    pr.add_argument("--strength", type=float, default=None, help="default: 1.0")
+    pr.add_argument("--floor", type=float, default=None, help="default: 0.05")
+    pr.add_argument("--no-tune", action="store_true", help="keep the default transition weights")
+    pr.add_argument("--holdout-valid", action="store_true", help="count on train cut before the valid rows")
+    pr.add_argument("--overwrite", action="store_true")
+    pr.set_defaults(func=cmd_prior)
+
     ev = sub.add_parser("eval", help="HR/NDCG of a bundle's model on test.jsonl, baselines in the same run")
     ev.add_argument("--bundle", required=True)
     ev.add_argument("--data", required=True, help="folder with train.jsonl and test.jsonl")
     ev.add_argument("--mode", choices=["direct", "reasoning", "both"], default="direct")
     ev.add_argument("--with-stages", action="store_true",
                     help="also evaluate the per-stage snapshots written by gream train (SFT, +curriculum, +SRPO)")
+    ev.add_argument("--split", choices=["test", "valid"], default="test",
+                    help="rows to evaluate on; valid is for tuning (use a bundle trained with holdout_valid)")
+    ev.add_argument("--prior-strengths", default=None, help="comma-separated strengths to try (tuning on valid)")
+    ev.add_argument("--prior-floors", default=None, help="comma-separated floors to try (tuning on valid)")
     ev.add_argument("--beams", type=int, default=20)
+    ev.add_argument("--no-sasrec", action="store_true", help="skip the SASRec baseline (minutes on 2 cores)")
+    ev.add_argument("--prior", choices=["both", "off", "only"], default="both",
+                    help="bundles with a collaborative prior: evaluate the model without it, fused with it "
+                         "(rows labelled '+prior', as the service decodes), or both")
     ev.add_argument("--limit", type=int, default=None, help="evaluate the first N test rows only")
     ev.add_argument("--reasoning-limit", type=int, default=None, help="reasoning mode on the first N rows only")
-    ev.add_argument("--reasoning-tokens", type=int, default=128, help="max reasoning tokens per row")
+    ev.add_argument("--reasoning-tokens", type=int, default=256,
+                    help="max reasoning tokens per row (the service's default stream budget)")
     ev.add_argument("--report", default=None, help="write the metrics as JSON here")
     ev.add_argument("--plot", default=None, help="write a PNG of HR@10/NDCG@10 by stage and baselines here")
     ev.set_defaults(func=cmd_eval)

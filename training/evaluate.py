@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 
 from model_store import tokens
 from model_store.bundle import Bundle
+from model_store.prior import TransitionPrior
 from training.data import EvalRow
 from training.tasks import spell_history
 
@@ -34,14 +35,25 @@ def ranking_metrics(ranked: Sequence[Sequence[str]], targets: Sequence[str],
     return out
 
 
+def prior_biases(bundle: Bundle, prior: TransitionPrior | None, rows: Sequence[EvalRow]) -> list[Any] | None:
+    """Each row's prior node bias for the beam search (None without a prior), as the service computes it."""
+    if prior is None:
+        return None
+    return [prior.node_bias([bundle.index_of[i] for i in r.history if i in bundle.index_of], bundle.trie)
+            for r in rows]
+
+
 def model_rankings(decoder: Any, bundle: Bundle, rows: Sequence[EvalRow], k: int = 10, beams: int = 20,
-                   batch_size: int = 32, max_history: int = 10, desc: str = "eval") -> list[list[str]]:
-    """Top-k item ids per row from the bundle's model, decoded as the service decodes (direct mode)."""
+                   batch_size: int = 32, max_history: int = 10, desc: str = "eval",
+                   prior: TransitionPrior | None = None) -> list[list[str]]:
+    """Top-k item ids per row from the bundle's model, decoded as the service decodes (direct mode),
+    fused with `prior` when given."""
     ranked: list[list[str]] = []
     for start in tqdm(range(0, len(rows), batch_size), desc=desc, unit="batch"):
         chunk = rows[start: start + batch_size]
         prompts = [tokens.direct_prompt(spell_history(bundle, r.history[-max_history:])) for r in chunk]
-        results = decoder.topk(prompts, [k] * len(chunk), [beams] * len(chunk))
+        results = decoder.topk(prompts, [k] * len(chunk), [beams] * len(chunk),
+                               biases=prior_biases(bundle, prior, chunk))
         ranked += [[bundle.items[s.index].item_id for s in res] for res in results]
     return ranked
 

@@ -2,7 +2,9 @@
 
 An engine owns a bundle's tokenizer, model and trie. It turns a prompt into the top-k catalog items by
 trie-constrained beam search, scored as DESIGN.md says: the sum of the model's raw log-probabilities
-(softmax over the whole vocabulary) of the item's ID tokens. Engines differ only in how they run the
+(softmax over the whole vocabulary) of the item's ID tokens, plus, when the bundle ships a
+collaborative prior and the request carries the history, `strength * log p_prior(item)`
+(model_store.prior). Engines differ only in how they run the
 model (in-process transformers, in-process vLLM, a remote worker over HTTP).
 """
 
@@ -21,12 +23,15 @@ class EngineRequest:
     exclude: frozenset[int] = frozenset()  # item indices the decoding must not produce
     allow: frozenset[int] | None = None  # when set, the only item indices it may produce
     num_beams: int | None = None  # default: max(k, engine's default beam width)
+    # The history as item indices, most recent last: the bundle's collaborative prior (if any) is fused
+    # into the scores from it. None decodes with the model alone.
+    history: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)
 class ScoredItem:
     index: int  # item index in the bundle
-    score: float  # summed raw log-probability of the ID tokens
+    score: float  # summed raw log-probability of the ID tokens (+ the prior's term when fused)
 
 
 @dataclass(frozen=True)

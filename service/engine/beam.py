@@ -5,6 +5,10 @@ vocabulary) for each live beam; this module expands each beam only to its trie c
 request's exclusions), scores candidates by summed raw log-probabilities (DESIGN.md, "Scoring") and
 keeps the best `width` per prompt. Nothing here knows which runtime produced the numbers, so all
 engines rank identically.
+
+When the bundle has a collaborative prior (model_store.prior), each prompt may carry a node bias: a
+step into trie node c from node n adds bias[c] - bias[n], so an item's final score is the model's
+summed log-probability plus the prior's `strength * log p_prior(item)`.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from model_store.prior import TransitionPrior
 from model_store.trie import ROOT, ItemTrie, TrieFilter
 from service.engine.base import ScoredItem
 
@@ -52,19 +57,22 @@ class TrieBeamSearch:
                          node=np.full(batch_size, ROOT, dtype=np.int64), score=np.zeros(batch_size))
 
     def advance(self, state: BeamState, logprobs: torch.Tensor, widths: Sequence[int],
-                filters: Sequence[TrieFilter | None]) -> Step:
+                filters: Sequence[TrieFilter | None], biases: np.ndarray | None = None) -> Step:
         """Expand every live beam by its allowed children and keep the top widths[p] per prompt p.
 
         `logprobs` is [state.size, vocab]: raw log-probabilities of the next token for each beam.
+        `biases` is None or float64 [prompts, trie nodes] from `stack_biases`.
         """
         rows, codes, nodes = self._candidates(state, filters)
         tokens = self.code_token[codes]
+        cand_prompt = state.prompt[rows]
         if len(rows):
             picked = logprobs[torch.from_numpy(rows), torch.from_numpy(tokens)]
             cand_score = state.score[rows] + picked.double().cpu().numpy()
+            if biases is not None:
+                cand_score += biases[cand_prompt, nodes] - biases[cand_prompt, state.node[rows]]
         else:
             cand_score = np.zeros(0)
-        cand_prompt = state.prompt[rows]
         # Best first within each prompt; ties broken by token id so every engine agrees exactly.
         order = np.lexsort((tokens, -cand_score, cand_prompt))
         cand_prompt = cand_prompt[order]
@@ -99,6 +107,26 @@ class TrieBeamSearch:
             if len(out[prompt]) < ks[prompt]:
                 out[prompt].append(ScoredItem(index=int(self.trie.node_item[node]), score=float(score)))
         return out
+
+
+def request_bias(prior: TransitionPrior | None, trie: ItemTrie, history: Sequence[int] | None
+                 ) -> np.ndarray | None:
+    """The node bias a request decodes with: the prior's, when the bundle has one and the request
+    carries its history (EngineRequest.history); else None (the model alone)."""
+    if prior is None or history is None:
+        return None
+    return prior.node_bias(history, trie)
+
+
+def stack_biases(biases: Sequence[np.ndarray | None] | None, num_nodes: int) -> np.ndarray | None:
+    """Per-prompt node biases as one [prompts, nodes] matrix (zero rows for prompts without one)."""
+    if biases is None or all(b is None for b in biases):
+        return None
+    out = np.zeros((len(biases), num_nodes))
+    for row, bias in enumerate(biases):
+        if bias is not None:
+            out[row] = bias
+    return out
 
 
 def beam_widths(ks: Sequence[int], num_beams: Sequence[int | None], default_beams: int) -> list[int]:

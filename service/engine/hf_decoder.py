@@ -17,13 +17,14 @@ import torch
 
 from model_store.trie import ItemTrie, TrieFilter
 from service.engine.base import ScoredItem
-from service.engine.beam import Step, TrieBeamSearch
+from service.engine.beam import Step, TrieBeamSearch, stack_biases
 
 
 @dataclass
 class Prefilled:
     batch: int
     filters: list[TrieFilter | None]
+    biases: np.ndarray | None  # [batch, trie nodes] prior bias (beam.stack_biases), None without a prior
     mask: torch.Tensor  # [batch, prompt length], left padded
     positions: torch.Tensor  # [batch, prompt length]
     cache: Any  # the prompts' KV cache (transformers Cache)
@@ -47,25 +48,29 @@ class HFTrieDecoder:
 
     def prefill(self, prompts: Sequence[str], widths: Sequence[int],
                 filters: Sequence[TrieFilter | None] | None = None,
-                prompt_ids: Sequence[Sequence[int]] | None = None) -> Prefilled:
+                prompt_ids: Sequence[Sequence[int]] | None = None,
+                biases: Sequence[np.ndarray | None] | None = None) -> Prefilled:
         """Run every prompt once (left-padded batch) and take the first beam step from its logits."""
         batch = len(prompts) if prompt_ids is None else len(prompt_ids)
         filters = list(filters) if filters is not None else [None] * batch
+        bias = stack_biases(biases, self.search.trie.num_nodes)
         enc = self.encode(prompts) if prompt_ids is None else self._pad_ids(prompt_ids)
         enc = {k: v.to(self.device) for k, v in enc.items()}
         mask = enc["attention_mask"]
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         out = self.model(input_ids=enc["input_ids"], attention_mask=mask, position_ids=positions,
                          use_cache=True, logits_to_keep=1)
-        step = self.search.advance(self.search.start(batch), self._logprobs(out.logits), widths, filters)
-        return Prefilled(batch, filters, mask, positions, out.past_key_values, step)
+        step = self.search.advance(self.search.start(batch), self._logprobs(out.logits), widths, filters, bias)
+        return Prefilled(batch, filters, bias, mask, positions, out.past_key_values, step)
 
     @torch.inference_mode()
     def topk(self, prompts: Sequence[str], ks: Sequence[int], widths: Sequence[int],
              filters: Sequence[TrieFilter | None] | None = None,
-             prompt_ids: Sequence[Sequence[int]] | None = None) -> list[list[ScoredItem]]:
-        """Top-k items per prompt by trie-constrained beam search with `widths[p]` beams."""
-        pre = self.prefill(prompts, widths, filters, prompt_ids)
+             prompt_ids: Sequence[Sequence[int]] | None = None,
+             biases: Sequence[np.ndarray | None] | None = None) -> list[list[ScoredItem]]:
+        """Top-k items per prompt by trie-constrained beam search with `widths[p]` beams; `biases[p]` is
+        prompt p's prior node bias (model_store.prior.TransitionPrior.node_bias) or None."""
+        pre = self.prefill(prompts, widths, filters, prompt_ids, biases)
         cache, mask, step = pre.cache, pre.mask, pre.step
         last_pos = pre.positions[:, -1]
         for _ in range(1, self.search.depth):
@@ -77,7 +82,7 @@ class HFTrieDecoder:
             out = self.model(input_ids=torch.from_numpy(step.token)[:, None].to(self.device), attention_mask=mask,
                              position_ids=last_pos[:, None], past_key_values=cache, use_cache=True)
             cache = out.past_key_values
-            step = self.search.advance(step.state, self._logprobs(out.logits), widths, pre.filters)
+            step = self.search.advance(step.state, self._logprobs(out.logits), widths, pre.filters, pre.biases)
         return self.search.finish(step.state, pre.batch, ks)
 
     def _pad_ids(self, prompt_ids: Sequence[Sequence[int]]) -> dict[str, torch.Tensor]:

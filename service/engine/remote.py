@@ -51,18 +51,21 @@ class WireRequest(BaseModel):
     exclude: list[int] = Field(default_factory=list)
     allow: list[int] | None = None
     num_beams: int | None = None
+    history: list[int] | None = None  # item indices, for the bundle's collaborative prior
     max_reasoning_tokens: int | None = Field(None, ge=1)
 
     @classmethod
     def of(cls, request: EngineRequest, max_reasoning_tokens: int | None = None) -> WireRequest:
         return cls(request_id=request.request_id, prompt=request.prompt, k=request.k,
                    exclude=sorted(request.exclude), allow=None if request.allow is None else sorted(request.allow),
-                   num_beams=request.num_beams, max_reasoning_tokens=max_reasoning_tokens)
+                   num_beams=request.num_beams, max_reasoning_tokens=max_reasoning_tokens,
+                   history=None if request.history is None else list(request.history))
 
     def engine_request(self) -> EngineRequest:
         return EngineRequest(request_id=self.request_id, prompt=self.prompt, k=self.k,
                              exclude=frozenset(self.exclude),
-                             allow=None if self.allow is None else frozenset(self.allow), num_beams=self.num_beams)
+                             allow=None if self.allow is None else frozenset(self.allow), num_beams=self.num_beams,
+                             history=None if self.history is None else tuple(self.history))
 
 
 def _items(raw: Sequence[dict[str, Any]]) -> list[ScoredItem]:

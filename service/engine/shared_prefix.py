@@ -55,12 +55,13 @@ class SharedPrefixDecoder(HFTrieDecoder):
     @torch.inference_mode()
     def topk(self, prompts: Sequence[str], ks: Sequence[int], widths: Sequence[int],
              filters: Sequence[TrieFilter | None] | None = None,
-             prompt_ids: Sequence[Sequence[int]] | None = None) -> list[list[ScoredItem]]:
+             prompt_ids: Sequence[Sequence[int]] | None = None,
+             biases: Sequence[np.ndarray | None] | None = None) -> list[list[ScoredItem]]:
         if (len(prompts) if prompt_ids is None else len(prompt_ids)) == 1:
             # One prompt: its cache copied to the beams is as small as the query-block bookkeeping,
             # and the plain HF decode steps measured faster (engine benchmark, concurrency 1).
-            return super().topk(prompts, ks, widths, filters, prompt_ids)
-        pre = self.prefill(prompts, widths, filters, prompt_ids)
+            return super().topk(prompts, ks, widths, filters, prompt_ids, biases)
+        pre = self.prefill(prompts, widths, filters, prompt_ids, biases)
         prompt_kv = [(layer.keys, layer.values) for layer in pre.cache.layers]  # [B, kvh, Lp, d], rotated keys
         # Additive mask over prompt keys: left padding must get no attention.
         prompt_bias = torch.zeros(pre.mask.shape, dtype=prompt_kv[0][0].dtype).masked_fill(pre.mask == 0,
@@ -77,7 +78,8 @@ class SharedPrefixDecoder(HFTrieDecoder):
                 gen_kv = [(k[parent], v[parent]) for k, v in gen_kv]
             logits, gen_kv = self._decode_step(torch.from_numpy(step.token), beam_prompt, rank, width,
                                                next_pos[beam_prompt] + depth - 1, prompt_kv, prompt_bias, gen_kv)
-            step = self.search.advance(step.state, torch.log_softmax(logits.float(), -1), widths, pre.filters)
+            step = self.search.advance(step.state, torch.log_softmax(logits.float(), -1), widths, pre.filters,
+                                       pre.biases)
         return self.search.finish(step.state, pre.batch, ks)
 
     def _decode_step(self, tokens: torch.Tensor, beam_prompt: torch.Tensor, rank: torch.Tensor, width: int,

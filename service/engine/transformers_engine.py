@@ -43,7 +43,7 @@ from service.engine.base import (
     ReasoningDone,
     ScoredItem,
 )
-from service.engine.beam import beam_widths
+from service.engine.beam import beam_widths, request_bias
 from service.engine.hf_decoder import HFTrieDecoder
 from service.engine.shared_prefix import make_decoder
 
@@ -61,6 +61,7 @@ class _TopkJob:
     exclude: frozenset[int]
     allow: frozenset[int] | None
     future: asyncio.Future[list[ScoredItem]]
+    history: tuple[int, ...] | None = None  # for the collaborative prior (EngineRequest.history)
 
 
 @dataclass
@@ -233,7 +234,7 @@ class TransformersEngine(Engine):
     def _job(self, request: EngineRequest, prompt: str | None, prompt_ids: list[int] | None) -> _TopkJob:
         width = beam_widths([request.k], [request.num_beams], self.default_beams)[0]
         return _TopkJob(prompt, prompt_ids, request.k, width, request.exclude, request.allow,
-                        asyncio.get_running_loop().create_future())
+                        asyncio.get_running_loop().create_future(), request.history)
 
     def _retry_after(self) -> float:
         depth = self._queue.qsize() if self._queue else 0
@@ -306,7 +307,9 @@ class TransformersEngine(Engine):
         ids = [job.prompt_ids if job.prompt_ids is not None else self._encode(job.prompt or "") for job in batch]
         filters: list[TrieFilter | None] = [
             self.bundle.trie.make_filter(exclude=job.exclude, allow=job.allow) for job in batch]
-        return self.decoder.topk([], [j.k for j in batch], [j.width for j in batch], filters, prompt_ids=ids)
+        biases = [request_bias(self.bundle.prior, self.bundle.trie, job.history) for job in batch]
+        return self.decoder.topk([], [j.k for j in batch], [j.width for j in batch], filters, prompt_ids=ids,
+                                 biases=biases)
 
     # ------------------------------------------------------------------ reasoning
     async def reason(self, request: EngineRequest, max_reasoning_tokens: int

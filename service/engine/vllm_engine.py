@@ -64,7 +64,7 @@ from service.engine.base import (
     ReasoningDone,
     ScoredItem,
 )
-from service.engine.beam import BeamState, TrieBeamSearch, beam_widths
+from service.engine.beam import BeamState, TrieBeamSearch, beam_widths, request_bias, stack_biases
 
 _PROJECT_ROOT = Path(__file__).resolve().parents[2]
 # vLLM reads these lazily; set project defaults before it is imported (an explicit setting wins).
@@ -260,16 +260,17 @@ class VLLMEngine(Engine):
             ids = self._encode(request.prompt)
             width = beam_widths([request.k], [request.num_beams], self.default_beams)[0]
             filt = self.bundle.trie.make_filter(exclude=request.exclude, allow=request.allow)
-            return await self._topk(request.request_id, ids, request.k, width, filt)
+            return await self._topk(request.request_id, ids, request.k, width, filt, request.history)
         finally:
             self._inflight -= 1
             self._step_seconds = 0.8 * self._step_seconds + 0.2 * (time.perf_counter() - started)
 
     async def _topk(self, request_id: str, prompt_ids: list[int], k: int, width: int,
-                    filt: TrieFilter | None) -> list[ScoredItem]:
+                    filt: TrieFilter | None, history: tuple[int, ...] | None) -> list[ScoredItem]:
         """Trie-constrained beam search of `width` beams; the top-k items, best first."""
         assert self._search is not None
         search, trie = self._search, self.bundle.trie
+        biases = stack_biases([request_bias(self.bundle.prior, trie, history)], trie.num_nodes)
         if len(prompt_ids) + self._depth > self._max_len:
             raise ValueError(f"prompt of {len(prompt_ids)} tokens leaves no room for a {self._depth}-token "
                              f"ID in the model's {self._max_len} positions")
@@ -293,7 +294,7 @@ class VLLMEngine(Engine):
             logprobs = torch.full((state.size, len(self._rank_token)), float("-inf"), dtype=torch.float64)
             for (b, ranks), values in zip(jobs, results):
                 logprobs[b, torch.from_numpy(ranks)] = torch.tensor(values, dtype=torch.float64)
-            step = search.advance(state, logprobs, [width], [filt])
+            step = search.advance(state, logprobs, [width], [filt], biases)
             beams = [beams[p] + [int(self._rank_token[r])] for p, r in zip(step.parent, step.token)]
             state = step.state
         if state.size == 0:
@@ -352,7 +353,7 @@ class VLLMEngine(Engine):
             filt = self.bundle.trie.make_filter(exclude=request.exclude, allow=request.allow)
             width = beam_widths([request.k], [request.num_beams], self.default_beams)[0]
             items = await self._topk(request.request_id, prompt_ids + generated + self._suffix_ids,
-                                     request.k, width, filt)
+                                     request.k, width, filt, request.history)
             yield ReasoningDone(items=items, reasoning_tokens=len(generated))
         except (GeneratorExit, asyncio.CancelledError):
             # The consumer went away (client disconnect): stop the generation in the engine now.

@@ -86,6 +86,18 @@ async def test_recommend_from_request_history(make_client: Any, gw_bundle: Any) 
             assert item["semantic_id"] == gw_bundle.spelled_id(index) and ITEM_RE.match(item["semantic_id"])
 
 
+async def test_collaborative_prior_is_fused_unless_switched_off(make_client: Any) -> None:
+    """The tiny bundle's prior says sku-(i+1) follows sku-i: fused (the default) it leads the list;
+    with use_prior off the model decides alone."""
+    body = {"history": ids(60, 61), "k": 10}
+    async with make_client() as client:
+        fused = item_ids((await client.post("/v1/recommendations", json=body)).json())
+    async with make_client(use_prior=False) as client:
+        plain = item_ids((await client.post("/v1/recommendations", json=body)).json())
+    assert fused[0] == "sku-62"
+    assert fused != plain
+
+
 async def test_request_id_generated_when_missing_or_unsafe(make_client: Any) -> None:
     async with make_client() as client:
         plain = await client.post("/v1/recommendations", json={"history": ids(1), "k": 1})

@@ -75,3 +75,23 @@ def test_scores_are_exact_summed_log_probs(setup) -> None:  # type: ignore[no-un
     # With as many beams as items the search is exhaustive: the true top-10, with their exact scores.
     assert [s.index for s in found] == list(np.argsort(-exact, kind="stable")[:10])
     assert np.allclose([s.score for s in found], exact[[s.index for s in found]], atol=1e-4)
+
+
+def test_prior_fusion_adds_the_prior_exactly(setup) -> None:  # type: ignore[no-untyped-def]
+    """Fused scores are the exact summed log-probabilities plus strength * log p_prior(item), on both
+    decoders, and the prior moves the ranking towards the fixture's i -> i + 1 transitions."""
+    from service.engine.beam import request_bias
+
+    bundle, tok, model, ids = setup
+    prompt = _prompts(bundle, 1, seed=9)[0]
+    history = [40, 41]
+    exact = exhaustive_scores(model, tok, prompt, bundle.codes, ids, bundle.id_format)
+    fused = exact + bundle.prior.settings.strength * np.log(bundle.prior.item_probs(history))
+    bias = request_bias(bundle.prior, bundle.trie, history)
+    for decoder in (HFTrieDecoder, SharedPrefixDecoder):
+        found = decoder(model, tok, bundle.trie, ids).topk([prompt, prompt], [10, 10], [300, 300],
+                                                           biases=[bias, None])
+        assert [s.index for s in found[0]] == list(np.argsort(-fused, kind="stable")[:10])
+        assert np.allclose([s.score for s in found[0]], fused[[s.index for s in found[0]]], atol=1e-4)
+        assert [s.index for s in found[1]] == list(np.argsort(-exact, kind="stable")[:10])
+    assert found[0][0].index == 42

@@ -15,8 +15,8 @@ from service.engine.base import EngineRequest, EngineUnavailable
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
 
-def request(bundle: Any, history: tuple[int, ...], rid: str, k: int = 5, **kw: Any) -> EngineRequest:
-    return EngineRequest(rid, direct_prompt([bundle.spelled_id(i) for i in history]), k=k, **kw)
+def request(bundle: Any, items: tuple[int, ...], rid: str, k: int = 5, **kw: Any) -> EngineRequest:
+    return EngineRequest(rid, direct_prompt([bundle.spelled_id(i) for i in items]), k=k, **kw)
 
 
 async def test_concurrent_requests_are_batched_with_identical_answers(gw_engine: Any, gw_bundle: Any) -> None:
@@ -45,6 +45,24 @@ async def test_scores_are_summed_raw_log_probabilities(gw_engine: Any, gw_bundle
                               gw_bundle.codes[[i.index for i in items]], gw_engine.decoder.search.code_token,
                               gw_bundle.id_format)
     assert np.allclose([i.score for i in items], exact, atol=1e-3)
+
+
+async def test_prior_fusion_in_batches_matches_the_decoder(gw_engine: Any, gw_bundle: Any) -> None:
+    """Requests with and without a history for the prior, batched together, each get the decoder's answer."""
+    from service.engine.beam import request_bias
+
+    reqs = [request(gw_bundle, (i, i + 1), f"prior-{i}", k=10, history=(i, i + 1) if i % 2 else None)
+            for i in range(0, 40, 5)]
+    got = await asyncio.gather(*[gw_engine.recommend(r) for r in reqs])
+    for req, items in zip(reqs, got, strict=True):
+        want = gw_engine.decoder.topk([req.prompt], [10], [10],
+                                      biases=[request_bias(gw_bundle.prior, gw_bundle.trie, req.history)])[0]
+        assert [i.index for i in items] == [i.index for i in want]
+        assert np.allclose([i.score for i in items], [i.score for i in want], atol=1e-4)
+    fused = [items for req, items in zip(reqs, got) if req.history is not None]
+    # The fixture's prior says i + 1 follows i: it is the top item of most fused answers.
+    assert sum(items[0].index == req.history[-1] + 1 for req, items in zip(
+        [r for r in reqs if r.history is not None], fused)) >= len(fused) - 1
 
 
 async def test_close_fails_waiting_callers_instead_of_hanging(gw_bundle: Any) -> None:

@@ -109,6 +109,19 @@ async def test_agrees_with_hf_decoder(engine: Any, hf: Any, bundle: Any) -> None
         assert_same(items, hf_topk(hf, bundle, prompt))
 
 
+async def test_agrees_with_hf_decoder_when_fusing_the_prior(engine: Any, hf: Any, bundle: Any) -> None:
+    from service.engine.base import EngineRequest
+    from service.engine.beam import request_bias
+
+    assert bundle.prior is not None
+    for n, prompt in enumerate(prompts(bundle, 3, seed=4)):
+        history = (7 * n, 7 * n + 1)
+        got = await engine.recommend(EngineRequest(request_id=f"prior-{n}", prompt=prompt, k=K, history=history))
+        want = hf.topk([prompt], [K], [K], [None], biases=[request_bias(bundle.prior, bundle.trie, history)])[0]
+        assert_same(got, want)
+        assert [i.index for i in got] != [i.index for i in hf_topk(hf, bundle, prompt)]
+
+
 async def test_agrees_with_exclusions_and_allow_lists(engine: Any, hf: Any, bundle: Any) -> None:
     rng = np.random.default_rng(7)
     for n, prompt in enumerate(prompts(bundle, 3, seed=2)):

@@ -1,0 +1,115 @@
+"""The collaborative prior (model_store.prior): counting, a proper distribution with a floor, trie node
+biases that telescope to the item's prior, persistence in bundles, fusion in the shared beam search."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from model_store.bundle import BundleError, load_bundle, save_bundle
+from model_store.prior import PriorSettings, TransitionPrior
+from model_store.testing import make_tiny_bundle
+from service.engine.beam import TrieBeamSearch, request_bias, stack_biases
+
+SEQS = [[0, 1, 2], [0, 1, 3], [1, 2, 4], [3, 4]]
+
+
+def test_fit_counts_transitions_and_popularity() -> None:
+    prior = TransitionPrior.fit(SEQS, num_items=6)
+    assert prior.p1[0].toarray().ravel().tolist() == [0, 1, 0, 0, 0, 0]
+    np.testing.assert_allclose(prior.p1[1].toarray().ravel(), [0, 0, 2 / 3, 1 / 3, 0, 0])
+    np.testing.assert_allclose(prior.p_skip[0].toarray().ravel(), [0, 0, 0.5, 0.5, 0, 0])
+    np.testing.assert_allclose(prior.popularity, np.array([2, 3, 2, 2, 2, 0]) / 11)
+
+
+def test_scores_mix_last_skip_and_two_step() -> None:
+    prior = TransitionPrior.fit(SEQS, 6, PriorSettings(weights=(1.0, 0.5, 0.25), popularity_weight=0.0))
+    s = prior.scores([0, 1])
+    last = prior.p1[1].toarray().ravel()
+    two = (prior.p1[1] @ prior.p1).toarray().ravel()
+    skip = prior.p_skip[0].toarray().ravel()
+    np.testing.assert_allclose(s, last + 0.5 * skip + 0.25 * two)
+    assert prior.scores([]).sum() == 0  # no history, no popularity weight: nothing to say
+
+
+def test_item_probs_is_a_distribution_with_a_floor() -> None:
+    prior = TransitionPrior.fit(SEQS, 6, PriorSettings(floor=0.1))
+    p = prior.item_probs([0])
+    assert p.sum() == pytest.approx(1.0)
+    assert p[5] == pytest.approx(0.1 / 6), "an item never seen in training keeps the uniform floor"
+    assert p.argmax() == 1
+    np.testing.assert_allclose(prior.item_probs([99]), prior.item_probs([]))  # unknown indices are ignored
+
+
+def test_node_bias_telescopes_to_the_item_prior(tmp_path: Path) -> None:
+    bundle = load_bundle(make_tiny_bundle(tmp_path / "b", n_items=60, with_model=False))
+    prior = bundle.prior
+    assert prior is not None and prior.num_items == 60
+    prior = prior.with_settings(strength=0.7)
+    bias = prior.node_bias([3, 4], bundle.trie)
+    p = prior.item_probs([3, 4])
+    assert bias[0] == 0.0
+    np.testing.assert_allclose(bias[bundle.trie.item_path[:, -1]], 0.7 * np.log(p))
+    # An inner node's mass is the sum of its items' probabilities.
+    first = bundle.trie.item_path[:, 0]
+    node = first[0]
+    assert np.exp(bias[node] / 0.7) == pytest.approx(p[first == node].sum())
+
+
+def test_bundle_round_trip_and_add_items(tmp_path: Path) -> None:
+    path = make_tiny_bundle(tmp_path / "b", n_items=40, with_model=False)
+    bundle = load_bundle(path)
+    assert bundle.manifest["prior"]["strength"] == 1.0
+    assert bundle.prior is not None
+    assert int(bundle.prior.p1[5].toarray().argmax()) == 6  # the fixture's i -> i + 1 transitions
+
+    grown = bundle.prior.extended(45)
+    assert grown.num_items == 45 and grown.p1.shape == (45, 45)
+    assert grown.item_probs([44]).sum() == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="shrink"):
+        bundle.prior.extended(10)
+
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(bundle.tokenizer_path))
+    wrong = TransitionPrior.fit([[0, 1]], 7)
+    with pytest.raises(BundleError, match="prior covers 7 items"):
+        save_bundle(tmp_path / "bad", items=bundle.items, codes=bundle.codes, codebooks=bundle.codebooks,
+                    id_format=bundle.id_format, tokenizer=tok, prior=wrong)
+    plain = load_bundle(make_tiny_bundle(tmp_path / "p", n_items=40, with_model=False, with_prior=False))
+    assert plain.prior is None and plain.manifest["prior"] is None
+
+
+def test_settings_validation() -> None:
+    with pytest.raises(ValueError, match="3 numbers"):
+        PriorSettings.from_dict({"weights": [1, 2]})
+    with pytest.raises(ValueError, match="floor"):
+        PriorSettings.from_dict({"floor": 0})
+    with pytest.raises(ValueError, match="strength"):
+        PriorSettings.from_dict({"strength": -1})
+    s = PriorSettings.from_dict({"weights": [1, 0.1, 0], "strength": 2, "enabled": True})
+    assert PriorSettings.from_dict(s.to_dict()) == s
+
+
+def test_beam_search_fuses_the_prior(tmp_path: Path) -> None:
+    """With flat model log-probabilities, the fused beam ranks items exactly by the prior."""
+    bundle = load_bundle(make_tiny_bundle(tmp_path / "b", n_items=80, with_model=False))
+    trie, prior = bundle.trie, bundle.prior
+    vocab = bundle.id_format.vocab_size
+    search = TrieBeamSearch(trie, list(range(vocab)))  # code == vocabulary id for this check
+    history = [10, 11]
+    biases = stack_biases([request_bias(prior, trie, history), None], trie.num_nodes)
+    state = search.start(2)
+    for _ in range(trie.depth):
+        flat = torch.full((state.size, vocab), -np.log(vocab))
+        state = search.advance(state, flat, [80, 80], [None, None], biases).state
+    fused, plain = search.finish(state, 2, [5, 5])
+    p = prior.item_probs(history)
+    assert [s.index for s in fused][:2] == [12, 13]  # next after 11, then the skip/two-step item
+    np.testing.assert_allclose([s.score for s in fused],
+                               [trie.depth * -np.log(vocab) + np.log(p[s.index]) for s in fused])
+    assert len({s.score for s in plain}) == 1  # the second prompt had no prior: all ties
+    assert request_bias(None, trie, history) is None and request_bias(prior, trie, None) is None
