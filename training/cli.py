@@ -67,10 +67,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         variants = [(label, None)] if args.prior != "only" or b.prior is None else []
         if b.prior is not None and args.prior != "off":
             variants += prior_variants(label, b.prior, args.prior_strengths, args.prior_floors)
-        for name, prior in variants:
-            metrics.update(evaluate_modes(model, tokenizer, b, rows, stage_modes, name, beams=args.beams,
-                                          reasoning_rows=args.reasoning_limit,
-                                          reasoning_tokens=args.reasoning_tokens, prior=prior))
+        metrics.update(evaluate_modes(model, tokenizer, b, rows, stage_modes, label, beams=args.beams,
+                                      reasoning_rows=args.reasoning_limit, reasoning_tokens=args.reasoning_tokens,
+                                      variants=variants))
         timings[label] = time.perf_counter() - t
     if args.split == "valid":
         from training.tasks import holdout_sequences

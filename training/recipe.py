@@ -56,7 +56,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "reason": {"epochs": 1.0, "max_steps": 8, "batch_size": 16, "lr": 1e-3, "max_examples": 400,
                    "align_replay": 0.5},
         "srpo": {"steps": 6, "group_size": 4, "prompts_per_step": 8, "lr": 1e-4, "mode": "direct"},
-        "prior": {"enabled": True, "strength": 1.0, "floor": 0.05, "tune_weights": True},
+        "prior": {"enabled": True, "strength": 2.0, "floor": 0.02, "tune_weights": True},
         "eval": {"valid_rows": 64, "reasoning_rows": 16, "beams": 20, "reasoning_tokens": 64},
         "budget": {"align": 0.5, "reason": 0.3, "srpo": 0.2, "eval_reserve": 0.15},
         "holdout_valid": False,
@@ -73,7 +73,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                   "weights": {"sequential": 1.0, "text_to_id": 0.5, "id_to_title": 0.25, "titles_history": 0.25}},
         "reason": {"epochs": 1.0, "batch_size": 32, "lr": 1e-3, "max_examples": 1500, "align_replay": 0.5},
         "srpo": {"steps": 40, "group_size": 8, "prompts_per_step": 16, "lr": 5e-5, "mode": "direct"},
-        "prior": {"enabled": True, "strength": 1.0, "floor": 0.05, "tune_weights": True},
+        "prior": {"enabled": True, "strength": 2.0, "floor": 0.02, "tune_weights": True},
         "eval": {"valid_rows": 300, "reasoning_rows": 20, "beams": 10, "reasoning_tokens": 96},
         "budget": {"align": 0.65, "reason": 0.25, "srpo": 0.1, "eval_reserve": 0.1},
         "holdout_valid": False,
@@ -256,11 +256,12 @@ def _task_counts(examples: Sequence[Any]) -> dict[str, int]:
 
 def reasoning_rankings(model: Any, tokenizer: Any, decoder: Any, bundle: Bundle, rows: Sequence[EvalRow],
                        k: int = 10, beams: int = 20, max_new_tokens: int = 96, batch_size: int = 16,
-                       max_history: int = 10, desc: str = "eval reasoning", prior: Any = None
-                       ) -> tuple[list[list[str]], float]:
+                       max_history: int = 10, desc: str = "eval reasoning", priors: Sequence[Any] = (None,)
+                       ) -> tuple[list[list[list[str]]], float]:
     """Reasoning mode: greedy reasoning after THINK_START, then THINK_END ANSWER and the constrained
-    top-k IDs (the same beam search and scoring as direct mode). Returns rankings and the share of
-    rows whose reasoning was closed by THINK_END (format rate)."""
+    top-k IDs (the same beam search and scoring as direct mode). The reasoning is generated once and
+    the answer decoded once per entry of `priors` (None: the model alone). Returns one list of
+    rankings per prior and the share of rows whose reasoning was closed by THINK_END (format rate)."""
     from tqdm.auto import tqdm
 
     from training.evaluate import prior_biases
@@ -268,7 +269,7 @@ def reasoning_rankings(model: Any, tokenizer: Any, decoder: Any, bundle: Bundle,
     from training.tasks import spell_history
 
     suffix = tokenizer(tokens.reasoning_answer_suffix(), add_special_tokens=False)["input_ids"]
-    ranked: list[list[str]] = []
+    ranked: list[list[list[str]]] = [[] for _ in priors]
     closed_total = 0
     for start in tqdm(range(0, len(rows), batch_size), desc=desc, unit="batch"):
         chunk = rows[start: start + batch_size]
@@ -277,33 +278,39 @@ def reasoning_rankings(model: Any, tokenizer: Any, decoder: Any, bundle: Bundle,
         reasoning, closed = generate_reasoning(model, tokenizer, prompt_ids, max_new_tokens)
         closed_total += sum(closed)
         ids = [p + r + suffix for p, r in zip(prompt_ids, reasoning, strict=True)]
-        results = decoder.topk([""] * len(ids), [k] * len(ids), [beams] * len(ids), prompt_ids=ids,
-                               biases=prior_biases(bundle, prior, chunk))
-        ranked += [[bundle.items[s.index].item_id for s in res] for res in results]
+        for out, prior in zip(ranked, priors, strict=True):
+            results = decoder.topk([""] * len(ids), [k] * len(ids), [beams] * len(ids), prompt_ids=ids,
+                                   biases=prior_biases(bundle, prior, chunk))
+            out += [[bundle.items[s.index].item_id for s in res] for res in results]
     return ranked, closed_total / max(1, len(rows))
 
 
 def evaluate_modes(model: Any, tokenizer: Any, bundle: Bundle, rows: Sequence[EvalRow], modes: Sequence[str],
                    label: str, beams: int = 20, k: int = 10, reasoning_rows: int | None = None,
-                   reasoning_tokens: int = 96, prior: Any = None) -> dict[str, dict[str, float]]:
+                   reasoning_tokens: int = 96, prior: Any = None,
+                   variants: Sequence[tuple[str, Any]] | None = None) -> dict[str, dict[str, float]]:
     """{"<label> (direct)": metrics, "<label> (reasoning)": metrics} with the service's decoder, fused
-    with the collaborative prior `prior` (model_store.prior) when given."""
+    with the collaborative prior `prior` (model_store.prior) when given. `variants` [(label, prior)]
+    evaluates several priors (None: the model alone) with one reasoning generation per row."""
     from service.engine.shared_prefix import make_decoder
     from training.evaluate import model_rankings, ranking_metrics
 
+    variants = list(variants) if variants is not None else [(label, prior)]
     model.eval()
     decoder = make_decoder(model, tokenizer, bundle.trie, tokens.id_token_ids(tokenizer, bundle.id_format))
     out: dict[str, dict[str, float]] = {}
     if "direct" in modes:
-        ranked = model_rankings(decoder, bundle, rows, k=k, beams=beams, desc=f"eval {label} direct", prior=prior)
-        out[f"{label} (direct)"] = ranking_metrics(ranked, [r.target for r in rows])
+        for name, p in variants:
+            ranked = model_rankings(decoder, bundle, rows, k=k, beams=beams, desc=f"eval {name} direct", prior=p)
+            out[f"{name} (direct)"] = ranking_metrics(ranked, [r.target for r in rows])
     if "reasoning" in modes:
         sub = list(rows[:reasoning_rows]) if reasoning_rows else list(rows)
-        ranked, fmt = reasoning_rankings(model, tokenizer, decoder, bundle, sub, k=k, beams=beams,
-                                         max_new_tokens=reasoning_tokens, desc=f"eval {label} reasoning",
-                                         prior=prior)
-        out[f"{label} (reasoning)"] = {**ranking_metrics(ranked, [r.target for r in sub]), "format_rate": fmt,
-                                       "rows": len(sub)}
+        rankings, fmt = reasoning_rankings(model, tokenizer, decoder, bundle, sub, k=k, beams=beams,
+                                           max_new_tokens=reasoning_tokens, desc=f"eval {label} reasoning",
+                                           priors=[p for _, p in variants])
+        for (name, _), ranked in zip(variants, rankings, strict=True):
+            out[f"{name} (reasoning)"] = {**ranking_metrics(ranked, [r.target for r in sub]), "format_rate": fmt,
+                                          "rows": len(sub)}
     return out
 
 

@@ -62,4 +62,20 @@ def test_train_then_serve_then_eval(tmp_path: Path, capsys: pytest.CaptureFixtur
     metrics = json.loads(report.read_text())["metrics"]
     assert {"SFT (direct)", "+curriculum (direct)", "+curriculum (reasoning)", "+SRPO (direct)",
             "+SRPO (reasoning)", "popularity", "last-item transitions"} <= set(metrics)
+    # The bundle ships the collaborative prior; eval reports each stage fused with it as well.
+    assert bundle.prior is not None and bundle.prompt_history == SMOKE_CONFIG.get("align", {}).get("max_history", 10)
+    assert {"SFT +prior (direct)", "+SRPO +prior (direct)", "+SRPO +prior (reasoning)"} <= set(metrics)
     assert plot.stat().st_size > 5000 and plot.read_bytes()[:4] == b"\x89PNG"
+
+    # Refit the prior into a new version (same model), then tune it on valid rows.
+    refit = tmp_path / "refit"
+    assert main(["prior", "--bundle", str(out), "--data", str(data), "--out", str(refit), "--strength", "0.5"]) == 0
+    capsys.readouterr()
+    again = load_bundle(refit)
+    assert again.prior is not None and again.prior.settings.strength == 0.5 and again.version != bundle.version
+    assert main(["eval", "--bundle", str(refit), "--data", str(data), "--split", "valid", "--limit", "8",
+                 "--no-sasrec", "--prior-strengths", "0.5,2", "--report", str(report)]) == 0
+    tuned = json.loads(report.read_text())
+    assert tuned["split"] == "valid"
+    assert {"model (direct)", "model +prior(strength=0.5, floor=0.02) (direct)",
+            "model +prior(strength=2, floor=0.02) (direct)"} <= set(tuned["metrics"])

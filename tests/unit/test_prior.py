@@ -62,7 +62,7 @@ def test_node_bias_telescopes_to_the_item_prior(tmp_path: Path) -> None:
 def test_bundle_round_trip_and_add_items(tmp_path: Path) -> None:
     path = make_tiny_bundle(tmp_path / "b", n_items=40, with_model=False)
     bundle = load_bundle(path)
-    assert bundle.manifest["prior"]["strength"] == 1.0
+    assert bundle.manifest["prior"] == PriorSettings().to_dict()
     assert bundle.prior is not None
     assert int(bundle.prior.p1[5].toarray().argmax()) == 6  # the fixture's i -> i + 1 transitions
 
@@ -109,7 +109,8 @@ def test_beam_search_fuses_the_prior(tmp_path: Path) -> None:
     fused, plain = search.finish(state, 2, [5, 5])
     p = prior.item_probs(history)
     assert [s.index for s in fused][:2] == [12, 13]  # next after 11, then the skip/two-step item
+    strength = prior.settings.strength
     np.testing.assert_allclose([s.score for s in fused],
-                               [trie.depth * -np.log(vocab) + np.log(p[s.index]) for s in fused])
+                               [trie.depth * -np.log(vocab) + strength * np.log(p[s.index]) for s in fused])
     assert len({s.score for s in plain}) == 1  # the second prompt had no prior: all ties
     assert request_bias(None, trie, history) is None and request_bias(prior, trie, None) is None

@@ -3,8 +3,6 @@ on (eval reads the same window), while exclusions still cover the whole history.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from model_store.bundle import load_bundle
