@@ -87,9 +87,9 @@ class Bundle:
     def prompt_history(self) -> int | None:
         """How many of the newest history items the model was trained to read (None: not recorded)."""
         value = self.manifest.get("settings", {}).get("prompt_history")
-        if value is None:  # bundles trained before the setting existed record it in their training config
-            config = self.manifest.get("stats", {}).get("training", {}).get("config", {})
-            value = config.get("align", {}).get("max_history")
+        training = self.manifest.get("stats", {}).get("training")
+        if value is None and training:  # trained before the setting existed: the training config says
+            value = training.get("config", {}).get("align", {}).get("max_history", 10)  # 10: its default then
         return int(value) if value else None
 
     def spelled_id(self, index: int) -> str:
@@ -226,6 +226,8 @@ def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
                           f"{trie.num_items} trie leaves")
     prior = None
     if manifest.get("prior") is not None:
+        if not (path / PRIOR_FILE).is_file():
+            raise BundleError(f"bundle {path}: the manifest names a prior but {PRIOR_FILE} is missing")
         prior = TransitionPrior.load(path / PRIOR_FILE, PriorSettings.from_dict(manifest["prior"]))
         if prior.num_items != len(items):
             raise BundleError(f"bundle {path} is inconsistent: the prior covers {prior.num_items} items, "

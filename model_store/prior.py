@@ -40,21 +40,24 @@ class PriorSettings:
     floor: float = 0.02  # share of uniform mass, so items without transitions stay reachable
     strength: float = 2.0  # weight of log p_prior against the model's log-probability
 
+    def __post_init__(self) -> None:
+        if len(self.weights) != 3 or any(w < 0 for w in self.weights):
+            raise ValueError(f"prior weights must be 3 numbers >= 0 (last, skip, two-step), got {list(self.weights)}")
+        if not 0 < self.floor <= 1:
+            raise ValueError(f"prior floor must be in (0, 1], got {self.floor}")
+        if self.strength < 0:
+            raise ValueError(f"prior strength must be >= 0, got {self.strength}")
+        if self.popularity_weight < 0:
+            raise ValueError(f"prior popularity_weight must be >= 0, got {self.popularity_weight}")
+
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "weights": list(self.weights)}
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> PriorSettings:
-        known = {k: raw[k] for k in ("popularity_weight", "floor", "strength") if k in raw}
+        known = {k: float(raw[k]) for k in ("popularity_weight", "floor", "strength") if k in raw}
         weights = tuple(float(w) for w in raw.get("weights", cls.weights))
-        if len(weights) != 3:
-            raise ValueError(f"prior weights must be 3 numbers (last, skip, two-step), got {list(weights)}")
-        out = cls(weights=weights, **{k: float(v) for k, v in known.items()})  # type: ignore[arg-type]
-        if not 0 < out.floor <= 1:
-            raise ValueError(f"prior floor must be in (0, 1], got {out.floor}")
-        if out.strength < 0:
-            raise ValueError(f"prior strength must be >= 0, got {out.strength}")
-        return out
+        return cls(weights=weights, **known)  # type: ignore[arg-type]  # __post_init__ validates
 
 
 def _row_normalised(edges: list[tuple[int, int]], n: int) -> sparse.csr_matrix:
@@ -94,6 +97,10 @@ class TransitionPrior:
     def num_items(self) -> int:
         return len(self.popularity)
 
+    def refit(self, sequences: Iterable[Sequence[int]]) -> TransitionPrior:
+        """The same settings and catalog, counts from other sequences."""
+        return TransitionPrior.fit(sequences, self.num_items, self.settings)
+
     def with_settings(self, **changes: Any) -> TransitionPrior:
         return TransitionPrior(self.p1, self.p_skip, self.popularity, replace(self.settings, **changes))
 
@@ -119,11 +126,27 @@ class TransitionPrior:
         uniform = 1.0 / self.num_items
         return (1 - floor) * s / total + floor * uniform if total > 0 else np.full(self.num_items, uniform)
 
-    def node_bias(self, history: Sequence[int], trie: ItemTrie) -> np.ndarray:
-        """float64 [trie nodes]: strength * log(prior mass below each node); 0 at the root."""
+    def node_bias(self, history: Sequence[int], trie: ItemTrie, exclude: Iterable[int] = (),
+                  allow: Iterable[int] | None = None) -> np.ndarray:
+        """float64 [trie nodes]: strength * log(prior mass below each node); 0 at the root.
+
+        Items the request cannot get (`exclude`, or outside `allow`) add no mass, so partial beams are
+        not drawn towards subtrees they cannot return; such nodes get -inf, and the request's trie
+        filter blocks them anyway. A leaf's bias stays strength * log p(item).
+        """
         if trie.num_items != self.num_items:
             raise ValueError(f"prior covers {self.num_items} items, the trie {trie.num_items}")
+        if self.settings.strength == 0:
+            return np.zeros(trie.num_nodes)
         p = self.item_probs(history)
+        if allow is not None:
+            keep = np.zeros(self.num_items, dtype=bool)
+            keep[np.fromiter(allow, dtype=np.int64)] = True
+            p = np.where(keep, p, 0.0)
+        blocked = np.fromiter(exclude, dtype=np.int64)
+        if blocked.size:
+            p = p.copy() if allow is None else p
+            p[blocked] = 0.0
         mass = np.bincount(trie.item_path.ravel(), weights=np.repeat(p, trie.depth), minlength=trie.num_nodes)
         mass[ROOT] = 1.0
         with np.errstate(divide="ignore"):

@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from model_store.prior import PriorSettings
+
 
 def _log(msg: str) -> None:
     print(msg, file=sys.stderr)
@@ -157,8 +159,10 @@ def add_training_commands(sub: argparse._SubParsersAction) -> None:
     pr.add_argument("--bundle", required=True)
     pr.add_argument("--data", required=True, help="folder with train.jsonl and valid.jsonl")
     pr.add_argument("--out", required=True, help="bundle folder to write")
-    pr.add_argument("--strength", type=float, default=None, help="default: 1.0")
-    pr.add_argument("--floor", type=float, default=None, help="default: 0.05")
+    pr.add_argument("--strength", type=float, default=None,
+                    help=f"weight of log p_prior (default {PriorSettings().strength:g})")
+    pr.add_argument("--floor", type=float, default=None,
+                    help=f"uniform share of the prior's mass (default {PriorSettings().floor:g})")
     pr.add_argument("--no-tune", action="store_true", help="keep the default transition weights")
     pr.add_argument("--holdout-valid", action="store_true", help="count on train cut before the valid rows")
     pr.add_argument("--overwrite", action="store_true")

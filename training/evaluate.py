@@ -44,10 +44,11 @@ def prior_biases(bundle: Bundle, prior: TransitionPrior | None, rows: Sequence[E
 
 
 def model_rankings(decoder: Any, bundle: Bundle, rows: Sequence[EvalRow], k: int = 10, beams: int = 20,
-                   batch_size: int = 32, max_history: int = 10, desc: str = "eval",
+                   batch_size: int = 32, max_history: int | None = None, desc: str = "eval",
                    prior: TransitionPrior | None = None) -> list[list[str]]:
-    """Top-k item ids per row from the bundle's model, decoded as the service decodes (direct mode),
-    fused with `prior` when given."""
+    """Top-k item ids per row from the bundle's model, decoded as the service decodes (direct mode):
+    the prompt holds the bundle's trained history window (default 10), fused with `prior` when given."""
+    max_history = max_history or getattr(bundle, "prompt_history", None) or 10
     ranked: list[list[str]] = []
     for start in tqdm(range(0, len(rows), batch_size), desc=desc, unit="batch"):
         chunk = rows[start: start + batch_size]

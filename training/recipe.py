@@ -256,8 +256,8 @@ def _task_counts(examples: Sequence[Any]) -> dict[str, int]:
 
 def reasoning_rankings(model: Any, tokenizer: Any, decoder: Any, bundle: Bundle, rows: Sequence[EvalRow],
                        k: int = 10, beams: int = 20, max_new_tokens: int = 96, batch_size: int = 16,
-                       max_history: int = 10, desc: str = "eval reasoning", priors: Sequence[Any] = (None,)
-                       ) -> tuple[list[list[list[str]]], float]:
+                       max_history: int | None = None, desc: str = "eval reasoning",
+                       priors: Sequence[Any] = (None,)) -> tuple[list[list[list[str]]], float]:
     """Reasoning mode: greedy reasoning after THINK_START, then THINK_END ANSWER and the constrained
     top-k IDs (the same beam search and scoring as direct mode). The reasoning is generated once and
     the answer decoded once per entry of `priors` (None: the model alone). Returns one list of
@@ -268,6 +268,7 @@ def reasoning_rankings(model: Any, tokenizer: Any, decoder: Any, bundle: Bundle,
     from training.srpo import generate_reasoning
     from training.tasks import spell_history
 
+    max_history = max_history or bundle.prompt_history or 10
     suffix = tokenizer(tokens.reasoning_answer_suffix(), add_special_tokens=False)["input_ids"]
     ranked: list[list[list[str]]] = [[] for _ in priors]
     closed_total = 0
@@ -288,7 +289,8 @@ def reasoning_rankings(model: Any, tokenizer: Any, decoder: Any, bundle: Bundle,
 def evaluate_modes(model: Any, tokenizer: Any, bundle: Bundle, rows: Sequence[EvalRow], modes: Sequence[str],
                    label: str, beams: int = 20, k: int = 10, reasoning_rows: int | None = None,
                    reasoning_tokens: int = 96, prior: Any = None,
-                   variants: Sequence[tuple[str, Any]] | None = None) -> dict[str, dict[str, float]]:
+                   variants: Sequence[tuple[str, Any]] | None = None,
+                   max_history: int | None = None) -> dict[str, dict[str, float]]:
     """{"<label> (direct)": metrics, "<label> (reasoning)": metrics} with the service's decoder, fused
     with the collaborative prior `prior` (model_store.prior) when given. `variants` [(label, prior)]
     evaluates several priors (None: the model alone) with one reasoning generation per row."""
@@ -301,13 +303,14 @@ def evaluate_modes(model: Any, tokenizer: Any, bundle: Bundle, rows: Sequence[Ev
     out: dict[str, dict[str, float]] = {}
     if "direct" in modes:
         for name, p in variants:
-            ranked = model_rankings(decoder, bundle, rows, k=k, beams=beams, desc=f"eval {name} direct", prior=p)
+            ranked = model_rankings(decoder, bundle, rows, k=k, beams=beams, desc=f"eval {name} direct", prior=p,
+                                    max_history=max_history)
             out[f"{name} (direct)"] = ranking_metrics(ranked, [r.target for r in rows])
     if "reasoning" in modes:
         sub = list(rows[:reasoning_rows]) if reasoning_rows else list(rows)
         rankings, fmt = reasoning_rankings(model, tokenizer, decoder, bundle, sub, k=k, beams=beams,
                                            max_new_tokens=reasoning_tokens, desc=f"eval {label} reasoning",
-                                           priors=[p for _, p in variants])
+                                           priors=[p for _, p in variants], max_history=max_history)
         for (name, _), ranked in zip(variants, rankings, strict=True):
             out[f"{name} (reasoning)"] = {**ranking_metrics(ranked, [r.target for r in sub]), "format_rate": fmt,
                                           "rows": len(sub)}
@@ -453,7 +456,7 @@ def run_recipe(data_dir: str | Path, out: str | Path, config: str | dict[str, An
             t_eval = time.perf_counter()
             res = evaluate_modes(plain_model(model), tokenizer, ids_bundle, valid_rows, modes, STAGE_LABELS[stage],
                                  beams=int(ev["beams"]), reasoning_rows=int(ev["reasoning_rows"]),
-                                 reasoning_tokens=int(ev["reasoning_tokens"]))
+                                 reasoning_tokens=int(ev["reasoning_tokens"]), max_history=max_history)
             timings[f"{stage}_valid_eval_s"] = time.perf_counter() - t_eval
             for name, m in res.items():
                 log(f"[valid] {name}: HR@10 {m['HR@10']:.4f} NDCG@10 {m['NDCG@10']:.4f}")
@@ -537,8 +540,13 @@ def run_recipe(data_dir: str | Path, out: str | Path, config: str | dict[str, An
         if prior is not None and main and valid_rows:
             t = time.perf_counter()
             last = STAGE_LABELS[stages[-1]]
+            # Valid targets are inside train.jsonl: the prior shipped counts them, so measure with one
+            # counted on train cut before the valid rows (same settings), or valid would flatter it.
+            index = ids_bundle.index_of
+            valid_prior = prior.refit([index[i] for i in seq if i in index]
+                                       for seq in holdout_sequences(train, data.valid).values())
             res = evaluate_modes(plain_model(model), tokenizer, ids_bundle, valid_rows, ["direct"], f"{last} +prior",
-                                 beams=int(ev["beams"]), prior=prior)
+                                 beams=int(ev["beams"]), prior=valid_prior, max_history=max_history)
             timings["prior_valid_eval_s"] = time.perf_counter() - t
             for name, m in res.items():
                 log(f"[valid] {name}: HR@10 {m['HR@10']:.4f} NDCG@10 {m['NDCG@10']:.4f}")

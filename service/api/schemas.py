@@ -57,7 +57,9 @@ class ItemOut(BaseModel):
     item_id: str
     title: str
     semantic_id: str = Field(description="the item's ID tokens, e.g. <a_3><b_17><c_5><d_0>")
-    score: float | None = Field(description="summed raw log-probability of the ID tokens; null for fallbacks")
+    score: float | None = Field(description="summed raw log-probability of the ID tokens, plus strength * log "
+                                            "p_prior(item) when the bundle's collaborative prior is fused; "
+                                            "null for fallbacks")
     fallback: Literal["popular"] | None = None
 
 

@@ -13,7 +13,7 @@ summed log-probability plus the prior's `strength * log p_prior(item)`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -109,13 +109,13 @@ class TrieBeamSearch:
         return out
 
 
-def request_bias(prior: TransitionPrior | None, trie: ItemTrie, history: Sequence[int] | None
-                 ) -> np.ndarray | None:
-    """The node bias a request decodes with: the prior's, when the bundle has one and the request
-    carries its history (EngineRequest.history); else None (the model alone)."""
+def request_bias(prior: TransitionPrior | None, trie: ItemTrie, history: Sequence[int] | None,
+                 exclude: Iterable[int] = (), allow: Iterable[int] | None = None) -> np.ndarray | None:
+    """The node bias a request decodes with: the prior's (mass over the items it may get), when the
+    bundle has one and the request carries its history (EngineRequest.history); else None."""
     if prior is None or history is None:
         return None
-    return prior.node_bias(history, trie)
+    return prior.node_bias(history, trie, exclude, allow)
 
 
 def stack_biases(biases: Sequence[np.ndarray | None] | None, num_nodes: int) -> np.ndarray | None:

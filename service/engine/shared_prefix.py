@@ -6,6 +6,10 @@ values (computed once by the prefill) and, in the same softmax, to the beam's ow
 tokens; only those few generated keys/values are reordered between steps. On CPU this halves the
 decode cost again (../shared/notes/beam-search-cpu.md: 924 ms against 1718 ms at batch 32).
 
+The prefill is a lean layer loop too: Hugging Face's generic forward (mask builders, cache objects,
+output wrappers) cost more than the arithmetic of a 60-token prompt on a small model (8 ms against
+about 2 ms on 2 cores), which mattered most for single requests.
+
 The layers' own modules (norms, projections, MLP, rotary embedding) are reused, so the weights and
 numerics are the model's; only the attention arithmetic is written out here.
 """
@@ -20,6 +24,7 @@ import torch
 
 from model_store.trie import TrieFilter
 from service.engine.base import ScoredItem
+from service.engine.beam import stack_biases
 from service.engine.hf_decoder import HFTrieDecoder
 
 SUPPORTED_MODEL_TYPES = {"llama", "qwen2", "mistral"}
@@ -57,17 +62,18 @@ class SharedPrefixDecoder(HFTrieDecoder):
              filters: Sequence[TrieFilter | None] | None = None,
              prompt_ids: Sequence[Sequence[int]] | None = None,
              biases: Sequence[np.ndarray | None] | None = None) -> list[list[ScoredItem]]:
-        if (len(prompts) if prompt_ids is None else len(prompt_ids)) == 1:
-            # One prompt: its cache copied to the beams is as small as the query-block bookkeeping,
-            # and the plain HF decode steps measured faster (engine benchmark, concurrency 1).
-            return super().topk(prompts, ks, widths, filters, prompt_ids, biases)
-        pre = self.prefill(prompts, widths, filters, prompt_ids, biases)
-        prompt_kv = [(layer.keys, layer.values) for layer in pre.cache.layers]  # [B, kvh, Lp, d], rotated keys
+        batch = len(prompts) if prompt_ids is None else len(prompt_ids)
+        filters = list(filters) if filters is not None else [None] * batch
+        bias = stack_biases(biases, self.search.trie.num_nodes)
+        enc = self.encode(prompts) if prompt_ids is None else self._pad_ids(prompt_ids)
+        mask = enc["attention_mask"]
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        logits, prompt_kv = self._prefill(enc["input_ids"], mask, positions)  # keys rotated, [B, kvh, Lp, d]
+        step = self.search.advance(self.search.start(batch), torch.log_softmax(logits.float(), -1), widths,
+                                   filters, bias)
         # Additive mask over prompt keys: left padding must get no attention.
-        prompt_bias = torch.zeros(pre.mask.shape, dtype=prompt_kv[0][0].dtype).masked_fill(pre.mask == 0,
-                                                                                             float("-inf"))
-        step = pre.step
-        next_pos = pre.positions[:, -1] + 1  # position of the first generated token, per prompt
+        prompt_bias = torch.zeros(mask.shape, dtype=prompt_kv[0][0].dtype).masked_fill(mask == 0, float("-inf"))
+        next_pos = positions[:, -1] + 1  # position of the first generated token, per prompt
         gen_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         width = max(widths)
         for depth in range(1, self.search.depth):
@@ -78,9 +84,39 @@ class SharedPrefixDecoder(HFTrieDecoder):
                 gen_kv = [(k[parent], v[parent]) for k, v in gen_kv]
             logits, gen_kv = self._decode_step(torch.from_numpy(step.token), beam_prompt, rank, width,
                                                next_pos[beam_prompt] + depth - 1, prompt_kv, prompt_bias, gen_kv)
-            step = self.search.advance(step.state, torch.log_softmax(logits.float(), -1), widths, pre.filters,
-                                       pre.biases)
-        return self.search.finish(step.state, pre.batch, ks)
+            step = self.search.advance(step.state, torch.log_softmax(logits.float(), -1), widths, filters, bias)
+        return self.search.finish(step.state, batch, ks)
+
+    def _prefill(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor
+                 ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+        """The prompts' last-position logits and every layer's rotated keys and values."""
+        base = self.model.model
+        batch, length = ids.shape
+        hidden = base.embed_tokens(ids)
+        cos, sin = base.rotary_emb(hidden, positions)
+        cos, sin = cos[:, None], sin[:, None]  # broadcast over heads
+        if bool(mask.all()):
+            attn_mask, causal = None, True
+        else:
+            # Causal and no padded keys; each padded query may see itself, so no row is empty (NaN).
+            allowed = torch.ones(length, length, dtype=torch.bool).tril()[None] & mask.bool()[:, None, :]
+            attn_mask, causal = (allowed | torch.eye(length, dtype=torch.bool)[None])[:, None], False
+        kv = []
+        for layer in base.layers:
+            attn = layer.self_attn
+            x = layer.input_layernorm(hidden)
+            q = attn.q_proj(x).view(batch, length, self.heads, self.head_dim).transpose(1, 2)
+            k = attn.k_proj(x).view(batch, length, self.kv_heads, self.head_dim).transpose(1, 2)
+            v = attn.v_proj(x).view(batch, length, self.kv_heads, self.head_dim).transpose(1, 2)
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
+            kv.append((k, v))
+            o = torch.nn.functional.scaled_dot_product_attention(
+                q, k, v, attn_mask=attn_mask, is_causal=causal, scale=self.scaling,
+                enable_gqa=self.kv_heads != self.heads)
+            hidden = hidden + attn.o_proj(o.transpose(1, 2).reshape(batch, length, self.heads * self.head_dim))
+            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        return self.model.lm_head(base.norm(hidden[:, -1:]))[:, -1, :], kv
 
     def _decode_step(self, tokens: torch.Tensor, beam_prompt: torch.Tensor, rank: torch.Tensor, width: int,
                      positions: torch.Tensor, prompt_kv: list[tuple[torch.Tensor, torch.Tensor]],

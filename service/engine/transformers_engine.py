@@ -307,7 +307,8 @@ class TransformersEngine(Engine):
         ids = [job.prompt_ids if job.prompt_ids is not None else self._encode(job.prompt or "") for job in batch]
         filters: list[TrieFilter | None] = [
             self.bundle.trie.make_filter(exclude=job.exclude, allow=job.allow) for job in batch]
-        biases = [request_bias(self.bundle.prior, self.bundle.trie, job.history) for job in batch]
+        biases = [request_bias(self.bundle.prior, self.bundle.trie, job.history, job.exclude, job.allow)
+                  for job in batch]
         return self.decoder.topk([], [j.k for j in batch], [j.width for j in batch], filters, prompt_ids=ids,
                                  biases=biases)
 

@@ -232,7 +232,7 @@ class VLLMEngine(Engine):
     async def _warm_up(self) -> None:
         spelled = [self.bundle.spelled_id(i) for i in self.bundle.popular(5)]
         ids = self._encode(direct_prompt(spelled))
-        await self._topk("warm-up", ids, 1, self.default_beams, None)
+        await self._topk("warm-up", ids, 1, self.default_beams, None, None)
 
     def _encode(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -260,17 +260,20 @@ class VLLMEngine(Engine):
             ids = self._encode(request.prompt)
             width = beam_widths([request.k], [request.num_beams], self.default_beams)[0]
             filt = self.bundle.trie.make_filter(exclude=request.exclude, allow=request.allow)
-            return await self._topk(request.request_id, ids, request.k, width, filt, request.history)
+            return await self._topk(request.request_id, ids, request.k, width, filt,
+                                    request_bias(self.bundle.prior, self.bundle.trie, request.history,
+                                                 request.exclude, request.allow))
         finally:
             self._inflight -= 1
             self._step_seconds = 0.8 * self._step_seconds + 0.2 * (time.perf_counter() - started)
 
     async def _topk(self, request_id: str, prompt_ids: list[int], k: int, width: int,
-                    filt: TrieFilter | None, history: tuple[int, ...] | None) -> list[ScoredItem]:
-        """Trie-constrained beam search of `width` beams; the top-k items, best first."""
+                    filt: TrieFilter | None, bias: np.ndarray | None) -> list[ScoredItem]:
+        """Trie-constrained beam search of `width` beams (fused with the prior's node `bias`, if any);
+        the top-k items, best first."""
         assert self._search is not None
         search, trie = self._search, self.bundle.trie
-        biases = stack_biases([request_bias(self.bundle.prior, trie, history)], trie.num_nodes)
+        biases = stack_biases([bias], trie.num_nodes)
         if len(prompt_ids) + self._depth > self._max_len:
             raise ValueError(f"prompt of {len(prompt_ids)} tokens leaves no room for a {self._depth}-token "
                              f"ID in the model's {self._max_len} positions")
@@ -352,8 +355,10 @@ class VLLMEngine(Engine):
             self.counters["reasoning_tokens"] += len(generated)
             filt = self.bundle.trie.make_filter(exclude=request.exclude, allow=request.allow)
             width = beam_widths([request.k], [request.num_beams], self.default_beams)[0]
+            bias = request_bias(self.bundle.prior, self.bundle.trie, request.history, request.exclude,
+                                request.allow)
             items = await self._topk(request.request_id, prompt_ids + generated + self._suffix_ids,
-                                     request.k, width, filt, request.history)
+                                     request.k, width, filt, bias)
             yield ReasoningDone(items=items, reasoning_tokens=len(generated))
         except (GeneratorExit, asyncio.CancelledError):
             # The consumer went away (client disconnect): stop the generation in the engine now.

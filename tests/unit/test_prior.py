@@ -114,3 +114,32 @@ def test_beam_search_fuses_the_prior(tmp_path: Path) -> None:
                                [trie.depth * -np.log(vocab) + strength * np.log(p[s.index]) for s in fused])
     assert len({s.score for s in plain}) == 1  # the second prompt had no prior: all ties
     assert request_bias(None, trie, history) is None and request_bias(prior, trie, None) is None
+
+
+def test_excluded_items_add_no_mass(tmp_path: Path) -> None:
+    bundle = load_bundle(make_tiny_bundle(tmp_path / "b", n_items=60, with_model=False))
+    trie, prior = bundle.trie, bundle.prior
+    full = prior.node_bias([3, 4], trie)
+    excl = prior.node_bias([3, 4], trie, exclude=[5, 6])
+    leaves = trie.item_path[:, -1]
+    assert np.isneginf(excl[leaves[[5, 6]]]).all()
+    others = np.setdiff1d(np.arange(60), [5, 6])
+    np.testing.assert_allclose(excl[leaves[others]], full[leaves[others]])  # leaves keep strength * log p
+    parent = trie.item_path[5, -2]
+    assert excl[parent] < full[parent], "the parent of an excluded item loses that item's mass"
+    allowed = prior.node_bias([3, 4], trie, allow=[10, 11])
+    assert np.isfinite(allowed[leaves[[10, 11]]]).all() and np.isneginf(np.delete(allowed[leaves], [10, 11])).all()
+    assert not np.isnan(excl).any() and not np.isnan(allowed).any()
+    assert not prior.with_settings(strength=0.0).node_bias([3], trie, exclude=[5]).any()
+
+
+def test_settings_are_validated_on_construction(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="floor"):
+        PriorSettings(floor=0.0)
+    prior = TransitionPrior.fit(SEQS, 6)
+    with pytest.raises(ValueError, match="strength"):
+        prior.with_settings(strength=-0.5)
+    path = make_tiny_bundle(tmp_path / "b", n_items=30, with_model=False)
+    (path / "prior.npz").unlink()
+    with pytest.raises(BundleError, match="prior.npz is missing"):
+        load_bundle(path, verify=False)
