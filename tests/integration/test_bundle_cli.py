@@ -82,3 +82,24 @@ def test_bad_catalog_names_lines(tmp_path: Path, capsys: pytest.CaptureFixture[s
     err = capsys.readouterr().err
     assert "line 2" in err and "line 3" in err and "line 4" in err and "nothing was built" in err
     assert not (tmp_path / "b").exists()
+
+
+def test_add_items_carries_the_prior(built: Path, tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    from model_store.bundle import save_bundle
+    from model_store.prior import TransitionPrior
+
+    old = load_bundle(built)
+    prior = TransitionPrior.fit([[i, i + 1] for i in range(0, 118, 2)], len(old.items))
+    with_prior = save_bundle(tmp_path / "with-prior", items=old.items, codes=old.codes, codebooks=old.codebooks,
+                             id_format=old.id_format, tokenizer=AutoTokenizer.from_pretrained(str(old.tokenizer_path)),
+                             popularity=old.popularity, settings=old.manifest["settings"], prior=prior)
+    out = tmp_path / "v2"
+    assert main(["bundle", "add-items", str(with_prior), "--items", str(write_catalog(tmp_path / "n.jsonl", 5, 700)),
+                 "--out", str(out)]) == 0
+    grown = load_bundle(out)
+    assert grown.prior is not None and grown.prior.num_items == 125
+    assert int(grown.prior.p1[4].toarray().argmax()) == 5  # counted transitions survive
+    assert grown.prior.p1[120:].nnz == 0  # new items have none yet
+    assert grown.manifest["prior"] == prior.settings.to_dict()
