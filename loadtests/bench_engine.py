@@ -26,6 +26,7 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -252,7 +253,14 @@ async def bench_gateway(bundle_dir: Path, bundle: Any, histories: Sequence[Seque
             for _ in range(2):
                 await asyncio.gather(*(one(i) for i in range(min(8, len(bodies)))))
             for c in concurrencies:
-                rows.append(await run_async(f"gateway: HTTP -> {engine}", one, len(bodies), c))
+                before, cpu = await batch_totals(client), time.process_time()
+                row = await run_async(f"gateway: HTTP -> {engine}", one, len(bodies), c)
+                # This machine's cores are shared with the load generator: say how much it took.
+                row.note = f"client used {(time.process_time() - cpu) / row.wall_s:.2f} cores"
+                after = await batch_totals(client)
+                if after[1] > before[1]:
+                    row.note += f", mean engine batch {(after[0] - before[0]) / (after[1] - before[1]):.1f}"
+                rows.append(row)
     finally:
         proc.terminate()
         try:
@@ -262,6 +270,13 @@ async def bench_gateway(bundle_dir: Path, bundle: Any, histories: Sequence[Seque
             proc.wait()
         log_file.close()
     return rows
+
+
+async def batch_totals(client: Any) -> tuple[float, float]:
+    """(requests, batches) the gateway's engine has run so far, from its Prometheus histogram."""
+    text = (await client.get("/metrics")).text
+    values = dict(re.findall(r"^gream_engine_batch_size_(sum|count) (\S+)$", text, flags=re.MULTILINE))
+    return float(values.get("sum", 0)), float(values.get("count", 0))
 
 
 # ------------------------------------------------------------------------------------------ report
@@ -274,14 +289,14 @@ def agreement(row: Row, ref: Row | None) -> float | None:
 
 
 def table(rows: Sequence[Row], refs: dict[int, Row]) -> str:
-    head = ["engine", "conc.", "req/s", "p50 ms", "p99 ms", "x ref req/s", "same top-10 as ref"]
+    head = ["engine", "conc.", "req/s", "p50 ms", "p99 ms", "x ref req/s", "same top-10 as ref", "note"]
     lines = [head]
     for r in rows:
         ref = refs.get(r.concurrency)
         ratio = f"{r.rps / ref.rps:.2f}x" if ref is not None and ref.rps > 0 else "-"
         agree = agreement(r, ref)
         lines.append([r.engine, str(r.concurrency), f"{r.rps:.2f}", f"{r.pct(50):.1f}", f"{r.pct(99):.1f}", ratio,
-                      "-" if agree is None else f"{agree:.3f}"])
+                      "-" if agree is None else f"{agree:.3f}", r.note])
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
     fmt = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"
     return "\n".join([fmt(lines[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(fmt, lines[1:])])

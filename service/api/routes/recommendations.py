@@ -11,7 +11,7 @@ from typing import Annotated, Any
 import anyio
 from fastapi import APIRouter, Depends, Query
 from pydantic import ValidationError
-from starlette.responses import StreamingResponse
+from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from service.api.deps import (
@@ -59,22 +59,34 @@ def to_query(body: RecommendationRequest) -> RecQuery:
                  exclude_items=body.exclude_items, allow_items=body.allow_items)
 
 
+def item_model(item: RecommendedItem) -> ItemOut:
+    # model_construct: these values come from our own catalog and engine, validating them again is waste.
+    return ItemOut.model_construct(item_id=item.item_id, title=item.title, semantic_id=item.semantic_id,
+                                   score=item.score, fallback=item.fallback)
+
+
 def item_out(item: RecommendedItem) -> dict[str, Any]:
-    return ItemOut(item_id=item.item_id, title=item.title, semantic_id=item.semantic_id, score=item.score,
-                   fallback=item.fallback).model_dump()  # type: ignore[arg-type]
+    return item_model(item).model_dump()
 
 
-def to_response(result: Result) -> RecommendationResponse:
-    return RecommendationResponse(request_id=result.request_id, model_version=result.model_version,
-                                  user_id=result.user_id, items=[item_out(i) for i in result.items],  # type: ignore[misc]
-                                  history_used=result.history_used, history_source=result.history_source,
-                                  fallback=result.fallback)  # type: ignore[arg-type]
+class PreSerialized(Response):
+    media_type = "application/json"
+
+
+def to_response(result: Result) -> PreSerialized:
+    """The response body, serialised once by pydantic's Rust core. Returning a Response keeps FastAPI
+    from validating and re-encoding our own output (`response_model` still documents the schema)."""
+    body = RecommendationResponse.model_construct(
+        request_id=result.request_id, model_version=result.model_version, user_id=result.user_id,
+        items=[item_model(i) for i in result.items], history_used=result.history_used,
+        history_source=result.history_source, fallback=result.fallback)
+    return PreSerialized(body.model_dump_json())
 
 
 @router.post("", response_model=RecommendationResponse, responses=ERRORS,
              summary="Top-k next items for a history (the request's, else the user's cached one)")
 async def recommend(body: RecommendationRequest, settings: SettingsDep, recommender: RecommenderDep,
-                    rid: RequestIdDep) -> RecommendationResponse:
+                    rid: RequestIdDep) -> Response:
     problems = body.limit_errors(settings)
     if problems:
         raise field_errors(problems)
