@@ -95,3 +95,28 @@ def test_prior_fusion_adds_the_prior_exactly(setup) -> None:  # type: ignore[no-
         assert np.allclose([s.score for s in found[0]], fused[[s.index for s in found[0]]], atol=1e-4)
         assert [s.index for s in found[1]] == list(np.argsort(-exact, kind="stable")[:10])
     assert found[0][0].index == 42
+
+
+def test_shared_prefix_is_exact_for_qwen2_with_biases(setup) -> None:  # type: ignore[no-untyped-def]
+    """Qwen2 has q/k/v biases and grouped-query attention: the stacked projections must keep both, and
+    the model's own forward must still give the same numbers after its weights are rebound."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    bundle, tok, _, ids = setup
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      use_sliding_window=False)
+    model = Qwen2ForCausalLM(cfg).eval()
+    with torch.no_grad():  # random, non-zero biases, so dropping one would show
+        for layer in model.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                proj.bias.normal_(0, 0.5)
+    prompt = _prompts(bundle, 1, seed=11)[0]
+    exact = exhaustive_scores(model, tok, prompt, bundle.codes, ids, bundle.id_format)
+    found = SharedPrefixDecoder(model, tok, bundle.trie, ids).topk([prompt], [10], [300])[0]
+    assert [s.index for s in found] == list(np.argsort(-exact, kind="stable")[:10])
+    assert np.allclose([s.score for s in found], exact[[s.index for s in found]], atol=1e-4)
+    # The HF forward, now on the rebound (stacked) weights, still scores the same.
+    assert np.allclose(exhaustive_scores(model, tok, prompt, bundle.codes, ids, bundle.id_format), exact, atol=1e-5)
