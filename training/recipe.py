@@ -478,8 +478,9 @@ def run_recipe(data_dir: str | Path, out: str | Path, config: str | dict[str, An
         if "align" in stages:
             t = time.perf_counter()
             train_minutes["align"] = stage_minutes("align")
-            budget = train_minutes["align"]
-            log(f"[align] {len(align_examples)} examples, " + (f"{budget:.1f} min budget" if budget else "no time budget"))
+            align_minutes = train_minutes["align"]
+            log(f"[align] {len(align_examples)} examples, "
+                + (f"{align_minutes:.1f} min budget" if align_minutes else "no time budget"))
             stats["stage_stats"]["align"] = run_sft(model, tokenizer, align_examples, align_cfg, train_minutes["align"],
                                                     seed, "align", accelerator)
             timings["align_s"] = time.perf_counter() - t
