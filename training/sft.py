@@ -29,6 +29,10 @@ class SFTConfig:
     weight_decay: float = 0.01
     warmup_frac: float = 0.05
     max_minutes: float | None = None  # stop early (cleanly) when the time budget is spent
+    # With a time budget: the most epochs the schedule may be re-planned to. The plan made from a
+    # short probe before training is re-fitted to the step rate measured while training (at 5 % and
+    # 25 % of the budget), so a probe slowed by a busy machine neither wastes nor overruns the budget.
+    max_epochs: float | None = None
     seed: int = 0
     grad_clip: float = 1.0
     # Batches of similar lengths (shuffled within and across groups): mixing 35- and 140-token
@@ -133,6 +137,9 @@ def train_sft(model: Any, tokenizer: Any, examples: Sequence[Example], cfg: SFTC
     lengths = [len(ids) for ids, _ in data]
     bar = tqdm(total=total_steps, desc=desc, unit="step", disable=not _is_main(accelerator))
     batches: list[list[int]] = []
+    cap_steps = max(total_steps, int(steps_per_epoch * cfg.max_epochs)) if cfg.max_epochs else total_steps
+    replan_at = [start + f * (deadline - start) for f in (0.05, 0.25)] if deadline else []
+    replans: list[int] = []
     while step < total_steps:
         if not batches:
             batches = epoch_batches(lengths, cfg.batch_size, rng, cfg.group_by_length)
@@ -152,14 +159,42 @@ def train_sft(model: Any, tokenizer: Any, examples: Sequence[Example], cfg: SFTC
         ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
         bar.update(1)
         bar.set_postfix(loss=f"{ema:.3f}")
+        now = time.perf_counter()
+        # Re-plan at the scheduled points, and when the plan ends with much of the budget left.
+        due = bool(replan_at) and now >= replan_at[0]
+        ending = deadline is not None and step == total_steps and total_steps < cap_steps \
+            and deadline - now > 0.05 * (deadline - start)
+        if deadline and _all_agree(due or ending, accelerator, device):
+            while replan_at and now >= replan_at[0]:
+                replan_at.pop(0)
+            new_total = _replanned_steps(step, start, deadline, cap_steps, accelerator, device)
+            if new_total is not None and new_total != total_steps:
+                total_steps = max(step + 1, new_total)
+                replans.append(total_steps)
+                bar.total = total_steps
+                bar.refresh()
         if deadline and _all_agree(time.perf_counter() > deadline, accelerator, device):
             stopped_early = True
             break
     bar.close()
     model.eval()
-    return {"steps": step, "planned_steps": total_steps, "examples": len(data), "final_loss": ema,
+    return {"steps": step, "planned_steps": total_steps, "replanned_steps": replans, "examples": len(data),
+            "final_loss": ema,
             "wall_s": time.perf_counter() - start, "stopped_by_time_budget": stopped_early, "bf16": bf16,
             "config": cfg.to_dict()}
+
+
+def _replanned_steps(step: int, start: float, deadline: float, cap_steps: int, accelerator: Any,
+                     device: torch.device) -> int | None:
+    """Total steps that fit the budget at the rate measured so far (97 %, for the evaluation and
+    saving after the loop), capped; the same number on every process (the slowest one's)."""
+    elapsed = time.perf_counter() - start
+    if step < 4 or elapsed <= 0:
+        return None
+    affordable = step + (deadline - time.perf_counter()) * step / elapsed * 0.97
+    if accelerator is not None and accelerator.num_processes > 1:
+        affordable = float(accelerator.gather(torch.tensor([affordable], device=device)).min().item())
+    return int(min(cap_steps, affordable))
 
 
 def padded_tokens_per_step(tokenizer: Any, examples: Sequence[Example], batch_size: int,
