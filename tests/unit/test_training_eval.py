@@ -79,8 +79,8 @@ def test_sasrec_learns_a_cyclic_order() -> None:
 def test_sft_replans_a_probe_that_underestimated_the_step_rate() -> None:
     """A plan far below what the budget allows (a probe slowed by a busy machine) is re-fitted to the
     measured step rate while training, up to max_epochs, and still stops within the budget."""
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     from training.sft import SFTConfig, train_sft
     from training.tasks import Example
