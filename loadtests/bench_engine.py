@@ -213,12 +213,13 @@ async def bench_vllm(bundle: Any, prompts: Sequence[str], dtype: str, concurrenc
 
 
 async def bench_gateway(bundle_dir: Path, bundle: Any, histories: Sequence[Sequence[int]], engine: str,
-                        dtype: str, concurrencies: Sequence[int], ready_timeout_s: float = 600) -> list[Row]:
+                        dtype: str, concurrencies: Sequence[int], ready_timeout_s: float = 600,
+                        extra_env: dict[str, str] | None = None) -> list[Row]:
     import httpx
 
     port = free_port()
     env = {**os.environ, "GREAM_DTYPE": DTYPES[dtype], "GREAM_LOG_LEVEL": "warning", "GREAM_QUEUE_MAX": "4096",
-           "GREAM_DEFAULT_BEAMS": str(BEAMS), "GREAM_MAX_BATCH": "32"}
+           "GREAM_DEFAULT_BEAMS": str(BEAMS), "GREAM_MAX_BATCH": "32", **(extra_env or {})}
     env.pop("GREAM_REDIS_URL", None)  # the embedded in-memory history store: requests carry histories
     cmd = [sys.executable, "-m", "service.cli", "serve", "--bundle", str(bundle_dir), "--host", "127.0.0.1",
            "--port", str(port), "--engine", engine]
@@ -242,13 +243,13 @@ async def bench_gateway(bundle_dir: Path, bundle: Any, histories: Sequence[Seque
                 if time.monotonic() > deadline:
                     raise RuntimeError("gateway did not become ready in time")
                 await asyncio.sleep(1.0)
-            bodies = [{"history": [bundle.items[i].item_id for i in h], "k": K, "exclude_seen": False}
-                      for h in histories]
+            bodies = [json.dumps({"history": [bundle.items[i].item_id for i in h], "k": K, "exclude_seen": False}
+                                 ).encode() for h in histories]
+            lean = KeepAliveClient("127.0.0.1", port)
 
             async def one(i: int) -> list[int]:
-                resp = await client.post("/v1/recommendations", json=bodies[i])
-                resp.raise_for_status()
-                return [bundle.index_of[it["item_id"]] for it in resp.json()["items"]]
+                data = await lean.post("/v1/recommendations", bodies[i])
+                return [bundle.index_of[it["item_id"]] for it in json.loads(data)["items"]]
 
             for _ in range(2):
                 await asyncio.gather(*(one(i) for i in range(min(8, len(bodies)))))
@@ -261,6 +262,7 @@ async def bench_gateway(bundle_dir: Path, bundle: Any, histories: Sequence[Seque
                 if after[1] > before[1]:
                     row.note += f", mean engine batch {(after[0] - before[0]) / (after[1] - before[1]):.1f}"
                 rows.append(row)
+            await lean.close()
     finally:
         proc.terminate()
         try:
@@ -270,6 +272,37 @@ async def bench_gateway(bundle_dir: Path, bundle: Any, histories: Sequence[Seque
             proc.wait()
         log_file.close()
     return rows
+
+
+class KeepAliveClient:
+    """The gateway rows' load generator: HTTP/1.1 keep-alive over asyncio streams, one connection per
+    request in flight, pre-encoded bodies. It shares this machine's cores with the gateway, so it does
+    as little work as it can (as wrk would); httpx costs several times more CPU per request."""
+
+    def __init__(self, host: str, port: int):
+        self.host, self.port = host, port
+        self._idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+
+    async def post(self, path: str, body: bytes) -> bytes:
+        reader, writer = self._idle.pop() if self._idle else await asyncio.open_connection(self.host, self.port)
+        writer.write(b"POST %s HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                     % (path.encode(), self.host.encode(), len(body), body))
+        head = await reader.readuntil(b"\r\n\r\n")
+        status = int(head[9:12])
+        match = re.search(rb"(?i)\r\ncontent-length: *(\d+)", head)
+        if match is None:
+            writer.close()
+            raise RuntimeError(f"gateway answered {status} without Content-Length")
+        data = await reader.readexactly(int(match.group(1)))
+        self._idle.append((reader, writer))
+        if status != 200:
+            raise RuntimeError(f"gateway answered {status}: {data[:300]!r}")
+        return data
+
+    async def close(self) -> None:
+        for _, writer in self._idle:
+            writer.close()
+        self._idle.clear()
 
 
 async def batch_totals(client: Any) -> tuple[float, float]:
@@ -313,6 +346,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="subset of reference,hf,vllm,gateway")
     parser.add_argument("--gateway-engine", choices=["auto", "transformers", "vllm"], default="auto",
                         help="engine behind the gateway row (auto: the faster at the highest concurrency)")
+    parser.add_argument("--gateway-env", action="append", default=[], metavar="GREAM_X=V",
+                        help="a setting for the gateway process (repeatable), e.g. GREAM_TORCH_THREADS=1")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
@@ -380,8 +415,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ImportError:
             print("TODO gateway row: service.app.create_app is not available yet", file=sys.stderr)
         else:
+            extra_env = dict(kv.split("=", 1) for kv in args.gateway_env)
             rows += asyncio.run(bench_gateway(bundle_dir, bundle, histories, gateway_engine, args.dtype,
-                                              concurrencies))
+                                              concurrencies, extra_env=extra_env))
 
     print()
     print(table(rows, refs))

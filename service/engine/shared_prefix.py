@@ -10,6 +10,11 @@ The prefill is a lean layer loop too: Hugging Face's generic forward (mask build
 output wrappers) cost more than the arithmetic of a 60-token prompt on a small model (8 ms against
 about 2 ms on 2 cores), which mattered most for single requests.
 
+Every prompt starts with the same preamble (model_store.tokens.PREAMBLE), so its keys and values
+are computed once and reused by every batch (a static prefix cache, as vLLM's prefix caching does
+for shared prompt heads); only the history part of each prompt is prefilled. The cache is keyed on
+the parameters' version counters, so a model that is trained further is never served stale keys.
+
 The layers' own weights are used (q/k/v and gate/up stacked into one matrix each, the modules'
 parameters rebound to views of it) with the models' own formulas for RMSNorm, rotary embedding and
 the gated MLP, so the numbers are the model's; only the call structure is written out here.
@@ -24,6 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from model_store.tokens import PREAMBLE
 from model_store.trie import TrieFilter
 from service.engine.base import ScoredItem
 from service.engine.beam import stack_biases
@@ -101,7 +107,8 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 class SharedPrefixDecoder(HFTrieDecoder):
     """Same interface and results as HFTrieDecoder, faster decode steps."""
 
-    def __init__(self, model: Any, tokenizer: Any, trie: Any, code_token_ids: Sequence[int]):
+    def __init__(self, model: Any, tokenizer: Any, trie: Any, code_token_ids: Sequence[int],
+                 static_prefix: str | None = PREAMBLE):
         if not supports_shared_prefix(model):
             raise ValueError(f"shared-prefix decoding does not support model type {model.config.model_type!r}")
         super().__init__(model, tokenizer, trie, code_token_ids)
@@ -113,6 +120,33 @@ class SharedPrefixDecoder(HFTrieDecoder):
         self.layers = [_Layer(layer) for layer in model.model.layers]
         self.final_norm = (model.model.norm.weight, model.model.norm.variance_epsilon)
         self.lm_head_w = model.lm_head.weight
+        self.static_ids: list[int] = list(tokenizer(static_prefix, add_special_tokens=False)["input_ids"]) \
+            if static_prefix else []
+        self._static_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._static_key: tuple[int, ...] | None = None
+
+    def _weights_version(self) -> tuple[int, ...]:
+        return tuple(p._version for p in self.model.parameters())
+
+    def static_kv(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Every layer's rotated keys and values of the static prefix ([1, kv heads, P, head dim])."""
+        key = self._weights_version()
+        if self._static_kv is None or key != self._static_key:
+            ids = torch.tensor([self.static_ids], device=self.device)
+            ones = torch.ones_like(ids)
+            _, self._static_kv = self._prefill(ids, ones, torch.arange(ids.shape[1], device=self.device)[None])
+            self._static_key = key
+        return self._static_kv
+
+    def _split_static(self, prompts: Sequence[str], prompt_ids: Sequence[Sequence[int]] | None
+                      ) -> tuple[list[list[int]], bool]:
+        """Token ids of every prompt, without the static prefix when all of them start with it."""
+        ids = [list(p) for p in prompt_ids] if prompt_ids is not None else \
+            [list(x) for x in self.tokenizer(list(prompts), add_special_tokens=False)["input_ids"]]
+        n = len(self.static_ids)
+        if n and all(len(p) > n and p[:n] == self.static_ids for p in ids):
+            return [p[n:] for p in ids], True
+        return ids, False
 
     @torch.inference_mode()
     def topk(self, prompts: Sequence[str], ks: Sequence[int], widths: Sequence[int],
@@ -122,12 +156,18 @@ class SharedPrefixDecoder(HFTrieDecoder):
         batch = len(prompts) if prompt_ids is None else len(prompt_ids)
         filters = list(filters) if filters is not None else [None] * batch
         bias = stack_biases(biases, self.search.trie.num_nodes)
-        enc = self.encode(prompts) if prompt_ids is None else self._pad_ids(prompt_ids)
+        ids, cached = self._split_static(prompts, prompt_ids)
+        enc = self._pad_ids(ids)
         mask = enc["attention_mask"]
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        logits, prompt_kv = self._prefill(enc["input_ids"], mask, positions)  # keys rotated, [B, kvh, Lp, d]
+        static = self.static_kv() if cached else None
+        offset = len(self.static_ids) if cached else 0
+        positions = offset + (mask.cumsum(-1) - 1).clamp(min=0)
+        # keys rotated, [B, kvh, P + Lp, d] (the static prefix first when cached)
+        logits, prompt_kv = self._prefill(enc["input_ids"], mask, positions, static)
         step = self.search.advance(self.search.start(batch), torch.log_softmax(logits.float(), -1), widths,
                                    filters, bias)
+        if cached:
+            mask = torch.cat([mask.new_ones(batch, offset), mask], dim=-1)
         # Additive mask over prompt keys: left padding must get no attention.
         prompt_bias = torch.zeros(mask.shape, dtype=prompt_kv[0][0].dtype).masked_fill(mask == 0, float("-inf"))
         next_pos = positions[:, -1] + 1  # position of the first generated token, per prompt
@@ -144,28 +184,37 @@ class SharedPrefixDecoder(HFTrieDecoder):
             step = self.search.advance(step.state, torch.log_softmax(logits.float(), -1), widths, filters, bias)
         return self.search.finish(step.state, batch, ks)
 
-    def _prefill(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor
+    def _prefill(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
+                 static: list[tuple[torch.Tensor, torch.Tensor]] | None = None
                  ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
-        """The prompts' last-position logits and every layer's rotated keys and values."""
+        """The prompts' last-position logits and every layer's rotated keys and values. With `static`
+        (the static prefix's keys and values), `ids` continue it: they attend to it in full."""
         base = self.model.model
         batch, length = ids.shape
         hidden = base.embed_tokens(ids)
         cos, sin = base.rotary_emb(hidden, positions)
         cos, sin = cos[:, None], sin[:, None]  # broadcast over heads
-        if bool(mask.all()):
+        if static is None and bool(mask.all()):
             attn_mask, causal = None, True
         else:
             # Causal and no padded keys; each padded query may see itself, so no row is empty (NaN).
             allowed = torch.ones(length, length, dtype=torch.bool).tril()[None] & mask.bool()[:, None, :]
-            attn_mask, causal = (allowed | torch.eye(length, dtype=torch.bool)[None])[:, None], False
+            allowed = allowed | torch.eye(length, dtype=torch.bool)[None]
+            if static is not None:  # every query sees the whole static prefix
+                allowed = torch.cat([allowed.new_ones(allowed.shape[0], length, static[0][0].shape[2]), allowed], -1)
+            attn_mask, causal = allowed[:, None], False
         kv = []
-        for layer in self.layers:
+        for layer_idx, layer in enumerate(self.layers):
             q, k, v = layer.qkv(hidden)
             q = q.view(batch, length, self.heads, self.head_dim).transpose(1, 2)
             k = k.view(batch, length, self.kv_heads, self.head_dim).transpose(1, 2)
             v = v.view(batch, length, self.kv_heads, self.head_dim).transpose(1, 2)
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
+            if static is not None:
+                sk, sv = static[layer_idx]
+                k = torch.cat([sk.expand(batch, -1, -1, -1), k], dim=2)
+                v = torch.cat([sv.expand(batch, -1, -1, -1), v], dim=2)
             kv.append((k, v))
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal, scale=self.scaling,
                                                enable_gqa=self.kv_heads != self.heads)

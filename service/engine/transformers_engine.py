@@ -118,6 +118,8 @@ class TransformersEngine(Engine):
         self._inflight: list[_TopkJob] = []
         self._reasoning_active = 0
         self._batch_seconds = 0.05  # running estimate, for Retry-After
+        self._arrivals = asyncio.Event()  # set by _submit once `_want` jobs are queued
+        self._want = 0
         self.counters = collections.Counter[str]()
         self.recent_reasoning: collections.deque[ReasoningRecord] = collections.deque(maxlen=256)
         # Set in start(), on the worker thread.
@@ -248,6 +250,8 @@ class TransformersEngine(Engine):
             self.counters["rejected_queue_full"] += 1
             raise EngineOverloaded(f"engine queue is full ({self.queue_max} waiting)",
                                    retry_after=self._retry_after()) from None
+        if self._want and self._queue.qsize() >= self._want:
+            self._arrivals.set()
         # If our caller is cancelled, the future is cancelled too and the batcher skips the job.
         return await job.future
 
@@ -262,10 +266,8 @@ class TransformersEngine(Engine):
             # ms, and waiting for them keeps one forward pass per round instead of splitting it (the
             # max, not the last size, so a split round does not teach the batcher to keep splitting).
             expected = min(self.max_batch, max(self._recent_batch_sizes, default=1))
-            deadline = time.perf_counter() + self.batch_wait_s
-            while len(batch) < expected and time.perf_counter() < deadline:
-                await asyncio.sleep(0.0005)
-                self._drain(batch)
+            if len(batch) < expected:
+                await self._wait_for_jobs(batch, expected, time.perf_counter() + self.batch_wait_s)
             batch = [job for job in batch if not job.future.done()]
             if not batch:
                 continue
@@ -293,6 +295,26 @@ class TransformersEngine(Engine):
             for job, items in zip(batch, results):
                 if not job.future.done():
                     job.future.set_result(items)
+
+    async def _wait_for_jobs(self, batch: list[_TopkJob], expected: int, deadline: float) -> None:
+        """Sleep until the queue holds enough jobs to fill the batch to `expected` or the deadline
+        passes: _submit wakes us once, instead of the loop polling the queue every few hundred us
+        (each wake-up takes the GIL from the engine thread)."""
+        assert self._queue is not None
+        self._drain(batch)
+        while len(batch) < expected:
+            left = deadline - time.perf_counter()
+            if left <= 0:
+                break
+            self._want = expected - len(batch)
+            self._arrivals.clear()
+            try:
+                await asyncio.wait_for(self._arrivals.wait(), left)
+            except TimeoutError:
+                pass
+            finally:
+                self._want = 0
+            self._drain(batch)
 
     def _drain(self, batch: list[_TopkJob]) -> None:
         assert self._queue is not None
