@@ -17,13 +17,17 @@ that catalog, otherwise random histories of the bundle's own items.
 
     .venv/bin/python loadtests/bench_engine.py --bundle var/demo-bundle --requests 64 --json var/bench.json
 
-All rows use the same dtype (--dtype fp32|bf16). Engines run one after another (never two at once).
+All rows use the same dtype (--dtype fp32|bf16). Engines run one after another (never two at once),
+taking turns on `--rounds` slices of the requests, so that this noisy machine's slow minutes are
+shared by all rows; the gateway takes turns the same way with the bare engine it runs, and its
+overhead is read against that paired row.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import re
@@ -66,6 +70,12 @@ class Row:
     def pct(self, q: float) -> float:
         return float(np.percentile(np.asarray(self.latencies_s) * 1000.0, q)) if self.latencies_s else float("nan")
 
+    def add(self, part: Row) -> None:
+        """Append another round of the same engine and concurrency."""
+        self.latencies_s += part.latencies_s
+        self.results += part.results
+        self.wall_s += part.wall_s
+
 
 # ------------------------------------------------------------------------------------------ requests
 
@@ -107,27 +117,49 @@ def run_batches(name: str, fn: Callable[[Sequence[str]], list[list[int]]], promp
     return Row(name, batch, lat, time.perf_counter() - started, results)
 
 
-async def run_async(name: str, fn: Callable[[int], Awaitable[list[int]]], n: int, concurrency: int) -> Row:
-    """Asynchronous engines: `concurrency` requests in flight at all times."""
+async def run_async(name: str, fn: Callable[[int], Awaitable[list[int]]], indices: Sequence[int] | int,
+                    concurrency: int) -> Row:
+    """Asynchronous engines: `concurrency` requests in flight at all times (requests `indices`, or
+    0..n-1 for an int)."""
     from tqdm import tqdm
 
+    order = list(range(indices)) if isinstance(indices, int) else list(indices)
+    n = len(order)
     lat = [0.0] * n
     results: list[list[int]] = [[] for _ in range(n)]
     sem = asyncio.Semaphore(concurrency)
     bar = tqdm(total=n, desc=f"{name} c={concurrency}", unit="req", leave=False)
 
-    async def one(i: int) -> None:
+    async def one(slot: int) -> None:
         async with sem:
             t = time.perf_counter()
-            results[i] = await fn(i)
-            lat[i] = time.perf_counter() - t
+            results[slot] = await fn(order[slot])
+            lat[slot] = time.perf_counter() - t
             bar.update(1)
 
     started = time.perf_counter()
-    await asyncio.gather(*(one(i) for i in range(n)))
+    await asyncio.gather(*(one(slot) for slot in range(n)))
     wall = time.perf_counter() - started
     bar.close()
     return Row(name, concurrency, lat, wall, results)
+
+
+def rounds_of(n: int, rounds: int) -> list[range]:
+    """`rounds` consecutive slices of 0..n-1 (engines take turns on them, so a slow minute of this
+    noisy machine is shared by every engine instead of landing on one row)."""
+    bounds = np.linspace(0, n, max(1, rounds) + 1).astype(int)
+    return [range(int(a), int(b)) for a, b in itertools.pairwise(bounds) if b > a]
+
+
+def run_interleaved(fns: dict[str, Callable[[Sequence[str]], list[list[int]]]], prompts: Sequence[str],
+                    batch: int, rounds: int) -> dict[str, Row]:
+    """Every engine on every round's prompts, the engines' order rotated from round to round."""
+    rows = {name: Row(name, batch, [], 0.0) for name in fns}
+    names = list(fns)
+    for r, part in enumerate(rounds_of(len(prompts), rounds)):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            rows[name].add(run_batches(name, fns[name], [prompts[i] for i in part], batch))
+    return rows
 
 
 # ------------------------------------------------------------------------------------------ engines
@@ -214,7 +246,11 @@ async def bench_vllm(bundle: Any, prompts: Sequence[str], dtype: str, concurrenc
 
 async def bench_gateway(bundle_dir: Path, bundle: Any, histories: Sequence[Sequence[int]], engine: str,
                         dtype: str, concurrencies: Sequence[int], ready_timeout_s: float = 600,
-                        extra_env: dict[str, str] | None = None) -> list[Row]:
+                        extra_env: dict[str, str] | None = None, rounds: int = 1,
+                        paired: tuple[str, Callable[[Sequence[str]], list[list[int]]], Sequence[str]] | None = None
+                        ) -> list[Row]:
+    """The gateway's rows; with `paired` (name, bare engine, prompts) also that engine's rows measured
+    in the same rounds, taking turns with the gateway (the overhead is the ratio of the two)."""
     import httpx
 
     port = free_port()
@@ -254,14 +290,21 @@ async def bench_gateway(bundle_dir: Path, bundle: Any, histories: Sequence[Seque
             for _ in range(2):
                 await asyncio.gather(*(one(i) for i in range(min(8, len(bodies)))))
             for c in concurrencies:
-                before, cpu = await batch_totals(client), time.process_time()
-                row = await run_async(f"gateway: HTTP -> {engine}", one, len(bodies), c)
+                row = Row(f"gateway: HTTP -> {engine}", c, [], 0.0)
+                bare = Row(f"{paired[0]}, taking turns with the gateway", c, [], 0.0) if paired else None
+                before, cpu = await batch_totals(client), 0.0
+                for part in rounds_of(len(bodies), rounds):
+                    if paired is not None and bare is not None:
+                        bare.add(run_batches(bare.engine, paired[1], [paired[2][i] for i in part], c))
+                    t_cpu = time.process_time()
+                    row.add(await run_async(row.engine, one, part, c))
+                    cpu += time.process_time() - t_cpu
                 # This machine's cores are shared with the load generator: say how much it took.
-                row.note = f"client used {(time.process_time() - cpu) / row.wall_s:.2f} cores"
+                row.note = f"client used {cpu / row.wall_s:.2f} cores"
                 after = await batch_totals(client)
                 if after[1] > before[1]:
                     row.note += f", mean engine batch {(after[0] - before[0]) / (after[1] - before[1]):.1f}"
-                rows.append(row)
+                rows += [r for r in (bare, row) if r is not None]
             await lean.close()
     finally:
         proc.terminate()
@@ -284,10 +327,20 @@ class KeepAliveClient:
         self._idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
 
     async def post(self, path: str, body: bytes) -> bytes:
-        reader, writer = self._idle.pop() if self._idle else await asyncio.open_connection(self.host, self.port)
-        writer.write(b"POST %s HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
-                     % (path.encode(), self.host.encode(), len(body), body))
-        head = await reader.readuntil(b"\r\n\r\n")
+        request = (b"POST %s HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                   % (path.encode(), self.host.encode(), len(body), body))
+        while self._idle:  # an idle connection may have been closed by the server's keep-alive timeout
+            reader, writer = self._idle.pop()
+            writer.write(request)
+            try:
+                head = await reader.readuntil(b"\r\n\r\n")
+                break
+            except (asyncio.IncompleteReadError, ConnectionError):
+                writer.close()
+        else:
+            reader, writer = await asyncio.open_connection(self.host, self.port)
+            writer.write(request)
+            head = await reader.readuntil(b"\r\n\r\n")
         status = int(head[9:12])
         match = re.search(rb"(?i)\r\ncontent-length: *(\d+)", head)
         if match is None:
@@ -348,6 +401,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="engine behind the gateway row (auto: the faster at the highest concurrency)")
     parser.add_argument("--gateway-env", action="append", default=[], metavar="GREAM_X=V",
                         help="a setting for the gateway process (repeatable), e.g. GREAM_TORCH_THREADS=1")
+    parser.add_argument("--rounds", type=int, default=4,
+                        help="engines take turns on this many slices of the requests (this machine is noisy)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
@@ -368,17 +423,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     rows: list[Row] = []
     refs: dict[int, Row] = {}
+    default_decoder: tuple[str, Callable[[Sequence[str]], list[list[int]]]] | None = None
     if engines & {"reference", "hf"}:
         from service.engine.hf_decoder import HFTrieDecoder
 
         model, tok, code_tokens = load_hf(bundle, args.dtype)
+        sync: dict[str, Callable[[Sequence[str]], list[list[int]]]] = {}
+        ref_name = "reference: HF generate(num_beams=10, prefix_allowed_tokens_fn)"
         if "reference" in engines:
-            ref = ReferenceDecoder(model, tok, bundle, code_tokens)
-            ref(prompts[:2])  # warm-up
-            for c in concurrencies:
-                refs[c] = run_batches("reference: HF generate(num_beams=10, prefix_allowed_tokens_fn)",
-                                      ref, prompts, c)
-                rows.append(refs[c])
+            sync[ref_name] = ReferenceDecoder(model, tok, bundle, code_tokens)
         if "hf" in engines:
             from service.engine.shared_prefix import make_decoder
 
@@ -394,10 +447,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                     return [[it.index for it in items]
                             for items in dec.topk(chunk, [K] * len(chunk), [BEAMS] * len(chunk))]
 
-                hf(prompts[:2])
-                for c in concurrencies:
-                    rows.append(run_batches(name, hf, prompts, c))
-        del model
+                sync[name] = hf
+            default_decoder = (name, hf)  # the last one: what the gateway's transformers engine runs
+        for fn in sync.values():
+            fn(prompts[:2])  # warm-up
+        for c in concurrencies:
+            measured = run_interleaved(sync, prompts, c, args.rounds)
+            if ref_name in measured:
+                refs[c] = measured[ref_name]
+            rows += measured.values()
     if "vllm" in engines:
         try:
             rows += asyncio.run(bench_vllm(bundle, prompts, args.dtype, concurrencies))
@@ -410,14 +468,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             cands = {("vllm" if r.engine.startswith("vllm") else "transformers"): r.rps for r in rows
                      if r.concurrency == top and r.engine.startswith(("vllm", "transformers"))}
             gateway_engine = max(cands, key=cands.get) if cands else "transformers"
-        try:
-            from service.app import create_app  # noqa: F401
-        except ImportError:
-            print("TODO gateway row: service.app.create_app is not available yet", file=sys.stderr)
-        else:
-            extra_env = dict(kv.split("=", 1) for kv in args.gateway_env)
-            rows += asyncio.run(bench_gateway(bundle_dir, bundle, histories, gateway_engine, args.dtype,
-                                              concurrencies, extra_env=extra_env))
+        extra_env = dict(kv.split("=", 1) for kv in args.gateway_env)
+        paired = (*default_decoder, prompts) if default_decoder and gateway_engine == "transformers" else None
+        rows += asyncio.run(bench_gateway(bundle_dir, bundle, histories, gateway_engine, args.dtype, concurrencies,
+                                          extra_env=extra_env, rounds=args.rounds, paired=paired))
 
     print()
     print(table(rows, refs))
@@ -425,8 +479,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if r.engine.startswith("gateway"):
             same = [b for b in rows if b.concurrency == r.concurrency and b.engine.startswith(
                 "vllm" if r.engine.endswith("vllm") else "transformers")]
-            # The gateway's transformers engine runs the default decoder: compare with that row.
-            same.sort(key=lambda b: "engine default" not in b.engine)
+            # The gateway's transformers engine runs the default decoder: compare with that row, best
+            # the one measured taking turns with the gateway.
+            same.sort(key=lambda b: ("taking turns" not in b.engine, "engine default" not in b.engine))
             if same:
                 share = r.rps / same[0].rps if same[0].rps > 0 else float("nan")
                 print(f"gateway at concurrency {r.concurrency}: {share * 100:.0f} % of the bare engine's req/s "
