@@ -47,31 +47,79 @@ def supports_shared_prefix(model: Any) -> bool:
     return not (cfg.model_type == "mistral" and getattr(cfg, "sliding_window", None))
 
 
+def _onednn_linear() -> tuple[Any, Any] | None:
+    """oneDNN's (pack weight, linear with a packed weight) ops, or None where torch lacks them."""
+    if not torch.backends.mkldnn.is_available():
+        return None
+    try:
+        return torch.ops.mkldnn._reorder_linear_weight, torch.ops.mkldnn._linear_pointwise
+    except (AttributeError, RuntimeError):
+        return None
+
+
+_ONEDNN = _onednn_linear()
+
+
+class _Linear:
+    """x W^T + b with W pre-packed for oneDNN: on this CPU the 10-row matmuls of one request's beams
+    run 2-3x faster than F.linear (lm_head [10, 256] x [256, 5029]: 161 against 473 us), batches of 32
+    prompts 13 % faster. The packed copy is refreshed by `repack` after the weights change; where
+    packing is unavailable, or does not reproduce F.linear, F.linear is used."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, pack: bool = True):
+        self.weight, self.bias = weight, bias
+        self.packed: torch.Tensor | None = None
+        self.pack = pack and _ONEDNN is not None
+        self.repack()
+
+    @torch.no_grad()
+    def repack(self) -> None:
+        if not self.pack or _ONEDNN is None:
+            return
+        try:
+            packed = _ONEDNN[0](self.weight.detach(), None)
+            probe = torch.randn(3, self.weight.shape[1], dtype=self.weight.dtype, device=self.weight.device)
+            ok = torch.allclose(_ONEDNN[1](probe, packed, self.bias, "none", [], ""),
+                                F.linear(probe, self.weight, self.bias), atol=1e-3, rtol=1e-3)
+        except RuntimeError:
+            ok = False
+        self.packed = packed if ok else None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None:
+            return _ONEDNN[1](x, self.packed, self.bias, "none", [], "")  # type: ignore[index]
+        return F.linear(x, self.weight, self.bias)
+
+
 class _Layer:
     """One decoder layer's weights, taken from the model's modules: the q/k/v and gate/up projections
     as one matrix each (5 small matmuls become 2), applied as plain functions, since nn.Module dispatch
     costs more than the arithmetic of a single request's beams."""
 
-    def __init__(self, layer: Any):
+    def __init__(self, layer: Any, pack: bool = True):
         attn, mlp = layer.self_attn, layer.mlp
-        self.qkv_w, self.qkv_b = _fuse([attn.q_proj, attn.k_proj, attn.v_proj])
+        self.qkv_proj = _Linear(*_fuse([attn.q_proj, attn.k_proj, attn.v_proj]), pack)
         self.q_size, self.kv_size = attn.q_proj.weight.shape[0], attn.k_proj.weight.shape[0]
-        self.o_w, self.o_b = attn.o_proj.weight, attn.o_proj.bias
-        self.gate_up_w, self.gate_up_b = _fuse([mlp.gate_proj, mlp.up_proj])
+        self.o_proj = _Linear(attn.o_proj.weight, attn.o_proj.bias, pack)
+        self.gate_up_proj = _Linear(*_fuse([mlp.gate_proj, mlp.up_proj]), pack)
         self.inter = mlp.gate_proj.weight.shape[0]
-        self.down_w, self.down_b = mlp.down_proj.weight, mlp.down_proj.bias
+        self.down_proj = _Linear(mlp.down_proj.weight, mlp.down_proj.bias, pack)
         self.act = mlp.act_fn
         self.norm1 = (layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon)
         self.norm2 = (layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon)
 
+    def repack(self) -> None:
+        for proj in (self.qkv_proj, self.o_proj, self.gate_up_proj, self.down_proj):
+            proj.repack()
+
     def qkv(self, hidden: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        fused = F.linear(_rms_norm(hidden, *self.norm1), self.qkv_w, self.qkv_b)
+        fused = self.qkv_proj(_rms_norm(hidden, *self.norm1))
         return fused.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
 
     def out_and_mlp(self, hidden: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
-        hidden = hidden + F.linear(attn_out, self.o_w, self.o_b)
-        gate, up = F.linear(_rms_norm(hidden, *self.norm2), self.gate_up_w, self.gate_up_b).split(self.inter, -1)
-        return hidden + F.linear(self.act(gate) * up, self.down_w, self.down_b)
+        hidden = hidden + self.o_proj(attn_out)
+        gate, up = self.gate_up_proj(_rms_norm(hidden, *self.norm2)).split(self.inter, -1)
+        return hidden + self.down_proj(self.act(gate) * up)
 
 
 @torch.no_grad()
@@ -79,6 +127,13 @@ def _fuse(linears: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The linears' weights (and biases) stacked into one matrix. The modules' own parameters are
     rebound to views of it, so nothing is stored twice and the model's other code paths (and any
     in-place optimizer update) keep seeing the same numbers."""
+    # Already stacked by an earlier decoder on this model: reuse that memory, so every decoder built
+    # on the model (and the model itself) keeps seeing the same weights after in-place updates.
+    weight = _stacked_view([m.weight for m in linears])
+    biases = [m.bias for m in linears]
+    bias = _stacked_view(biases) if all(b is not None for b in biases) else None  # type: ignore[arg-type]
+    if weight is not None and (bias is not None or all(b is None for b in biases)):
+        return weight, bias
     weight = torch.cat([m.weight for m in linears])
     bias = None
     if any(m.bias is not None for m in linears):
@@ -91,6 +146,21 @@ def _fuse(linears: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
             m.bias.data = bias[offset:offset + rows]  # type: ignore[index]
         offset += rows
     return weight, bias
+
+
+def _stacked_view(parts: Sequence[torch.Tensor]) -> torch.Tensor | None:
+    """One tensor over `parts` when they lie back to back in one storage (as `_fuse` leaves them)."""
+    first = parts[0]
+    if not all(p.is_contiguous() and p.dim() == first.dim() and p.shape[1:] == first.shape[1:] for p in parts):
+        return None
+    row = first[0].numel() * first.element_size() if first.dim() > 1 else first.element_size()
+    start, offset = first.untyped_storage().data_ptr(), first.data_ptr()
+    for p in parts:
+        if p.untyped_storage().data_ptr() != start or p.data_ptr() != offset:
+            return None
+        offset += p.shape[0] * row
+    shape = (sum(p.shape[0] for p in parts), *first.shape[1:])
+    return first.detach().new_empty(0).set_(first.untyped_storage(), first.storage_offset(), shape)
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -108,7 +178,7 @@ class SharedPrefixDecoder(HFTrieDecoder):
     """Same interface and results as HFTrieDecoder, faster decode steps."""
 
     def __init__(self, model: Any, tokenizer: Any, trie: Any, code_token_ids: Sequence[int],
-                 static_prefix: str | None = PREAMBLE):
+                 static_prefix: str | None = PREAMBLE, packed_weights: bool = True):
         if not supports_shared_prefix(model):
             raise ValueError(f"shared-prefix decoding does not support model type {model.config.model_type!r}")
         super().__init__(model, tokenizer, trie, code_token_ids)
@@ -117,9 +187,12 @@ class SharedPrefixDecoder(HFTrieDecoder):
         self.kv_heads = cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.scaling = self.head_dim ** -0.5
-        self.layers = [_Layer(layer) for layer in model.model.layers]
+        # packed_weights: oneDNN copies of the projections (twice the weights' memory, 2-3x faster
+        # small matmuls on CPU), refreshed when the weights change.
+        self.layers = [_Layer(layer, packed_weights) for layer in model.model.layers]
         self.final_norm = (model.model.norm.weight, model.model.norm.variance_epsilon)
-        self.lm_head_w = model.lm_head.weight
+        self.lm_head = _Linear(model.lm_head.weight, None, packed_weights)
+        self._packed_key = self._weights_version()
         self.static_ids: list[int] = list(tokenizer(static_prefix, add_special_tokens=False)["input_ids"]) \
             if static_prefix else []
         self._static_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
@@ -127,6 +200,15 @@ class SharedPrefixDecoder(HFTrieDecoder):
 
     def _weights_version(self) -> tuple[int, ...]:
         return tuple(p._version for p in self.model.parameters())
+
+    def _refresh_packed(self) -> None:
+        """Re-pack the oneDNN weight copies after the model's weights changed (training)."""
+        key = self._weights_version()
+        if key != self._packed_key:
+            for layer in self.layers:
+                layer.repack()
+            self.lm_head.repack()
+            self._packed_key = key
 
     def static_kv(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Every layer's rotated keys and values of the static prefix ([1, kv heads, P, head dim])."""
@@ -156,6 +238,7 @@ class SharedPrefixDecoder(HFTrieDecoder):
         batch = len(prompts) if prompt_ids is None else len(prompt_ids)
         filters = list(filters) if filters is not None else [None] * batch
         bias = stack_biases(biases, self.search.trie.num_nodes)
+        self._refresh_packed()
         ids, cached = self._split_static(prompts, prompt_ids)
         enc = self._pad_ids(ids)
         mask = enc["attention_mask"]
@@ -219,7 +302,7 @@ class SharedPrefixDecoder(HFTrieDecoder):
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal, scale=self.scaling,
                                                enable_gqa=self.kv_heads != self.heads)
             hidden = layer.out_and_mlp(hidden, o.transpose(1, 2).reshape(batch, length, self.heads * self.head_dim))
-        return F.linear(_rms_norm(hidden[:, -1], *self.final_norm), self.lm_head_w), kv
+        return self.lm_head(_rms_norm(hidden[:, -1], *self.final_norm)), kv
 
     def _decode_step(self, tokens: torch.Tensor, beam_prompt: torch.Tensor, rank: torch.Tensor, width: int,
                      positions: torch.Tensor, prompt_kv: list[tuple[torch.Tensor, torch.Tensor]],
@@ -261,7 +344,7 @@ class SharedPrefixDecoder(HFTrieDecoder):
             o_prompt = torch.matmul(packed, pv).view(batch, self.kv_heads, width, groups, self.head_dim)
             o = o_prompt[beam_prompt, :, rank] + torch.matmul(p_gen, v)  # [n, kvh, groups, d]
             hidden = layer.out_and_mlp(hidden, o.reshape(n, 1, self.heads * self.head_dim))
-        return F.linear(_rms_norm(hidden[:, -1], *self.final_norm), self.lm_head_w), new_gen
+        return self.lm_head(_rms_norm(hidden[:, -1], *self.final_norm)), new_gen
 
 
 def _rank_within_prompt(prompt: np.ndarray) -> np.ndarray:

@@ -123,14 +123,14 @@ def test_shared_prefix_is_exact_for_qwen2_with_biases(setup) -> None:  # type: i
 
 
 def test_static_prefix_cache_is_exact_and_follows_weight_updates(setup) -> None:  # type: ignore[no-untyped-def]
-    """The preamble's keys/values are computed once: results equal the decoder without the cache,
-    and an in-place weight update (training) invalidates the cached keys."""
+    """The preamble's keys/values are computed once and the projections packed for oneDNN: results
+    equal the plain decoder, and an in-place weight update (training) refreshes both."""
     import torch
 
     bundle, tok, model, ids = setup
     prompts = _prompts(bundle, 5, seed=13)
     cached = SharedPrefixDecoder(model, tok, bundle.trie, ids)
-    plain = SharedPrefixDecoder(model, tok, bundle.trie, ids, static_prefix=None)
+    plain = SharedPrefixDecoder(model, tok, bundle.trie, ids, static_prefix=None, packed_weights=False)
     assert cached._split_static(prompts, None)[1] and not plain._split_static(prompts, None)[1]
     for batch in (prompts, prompts[:1]):
         a = cached.topk(batch, [10] * len(batch), [10] * len(batch))
@@ -138,15 +138,19 @@ def test_static_prefix_cache_is_exact_and_follows_weight_updates(setup) -> None:
         assert [[s.index for s in r] for r in a] == [[s.index for s in r] for r in b]
         assert np.allclose([s.score for r in a for s in r], [s.score for r in b for s in r], atol=1e-4)
     before = cached.static_kv()[0][0].clone()
-    embed = model.get_input_embeddings().weight
-    saved = embed.detach().clone()
+    weights = [model.get_input_embeddings().weight, model.model.layers[0].mlp.up_proj.weight]
+    saved = [w.detach().clone() for w in weights]
     try:
         with torch.no_grad():
-            embed.mul_(1.5)
+            for w in weights:
+                w.mul_(1.5)
+        after = cached.topk(prompts, [10] * 5, [10] * 5)
         assert not torch.allclose(cached.static_kv()[0][0], before)
-        a = cached.topk(prompts, [10] * 5, [10] * 5)
-        b = plain.topk(prompts, [10] * 5, [10] * 5)
-        assert np.allclose([s.score for r in a for s in r], [s.score for r in b for s in r], atol=1e-4)
+        # A decoder built now (plain F.linear, no cache) scores with the updated weights too.
+        fresh = SharedPrefixDecoder(model, tok, bundle.trie, ids, static_prefix=None, packed_weights=False)
+        b = fresh.topk(prompts, [10] * 5, [10] * 5)
+        assert np.allclose([s.score for r in after for s in r], [s.score for r in b for s in r], atol=1e-4)
     finally:
         with torch.no_grad():
-            embed.copy_(saved)
+            for w, v in zip(weights, saved, strict=True):
+                w.copy_(v)
