@@ -329,18 +329,18 @@ class KeepAliveClient:
     async def post(self, path: str, body: bytes) -> bytes:
         request = (b"POST %s HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
                    % (path.encode(), self.host.encode(), len(body), body))
-        while self._idle:  # an idle connection may have been closed by the server's keep-alive timeout
-            reader, writer = self._idle.pop()
+        while True:
+            reused = bool(self._idle)
+            reader, writer = self._idle.pop() if reused else await asyncio.open_connection(self.host, self.port)
             writer.write(request)
             try:
                 head = await reader.readuntil(b"\r\n\r\n")
                 break
             except (asyncio.IncompleteReadError, ConnectionError):
                 writer.close()
-        else:
-            reader, writer = await asyncio.open_connection(self.host, self.port)
-            writer.write(request)
-            head = await reader.readuntil(b"\r\n\r\n")
+                if not reused:
+                    raise
+                # else: the server's keep-alive timeout closed this idle connection; take another
         status = int(head[9:12])
         match = re.search(rb"(?i)\r\ncontent-length: *(\d+)", head)
         if match is None:

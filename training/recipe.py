@@ -240,9 +240,9 @@ def run_sft(model: Any, tokenizer: Any, examples: Sequence[Any], stage_cfg: dict
     if minutes:  # the probe's time comes out of the stage's budget
         minutes = max(0.1, minutes - (time.perf_counter() - t) / 60)
         epochs, _ = fit_epochs(model, tokenizer, examples, int(stage_cfg["batch_size"]), epochs, None)
-    cap = float(stage_cfg["epochs"])
-    if stage_cfg.get("max_steps"):
-        cap = min(cap, int(stage_cfg["max_steps"]) / max(1, math.ceil(len(examples) / int(stage_cfg["batch_size"]))))
+    # The most the schedule may be re-planned to while training: the preset's epochs and step cap.
+    cap, _ = fit_epochs(model, tokenizer, examples, int(stage_cfg["batch_size"]), float(stage_cfg["epochs"]), None,
+                        stage_cfg.get("max_steps"))
     cfg = SFTConfig(epochs=epochs, batch_size=int(stage_cfg["batch_size"]), lr=float(stage_cfg["lr"]),
                     max_minutes=minutes, seed=seed, max_epochs=cap)
     stats = train_sft(model, tokenizer, examples, cfg, desc=desc, accelerator=accelerator)

@@ -159,12 +159,18 @@ def train_sft(model: Any, tokenizer: Any, examples: Sequence[Example], cfg: SFTC
         ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
         bar.update(1)
         bar.set_postfix(loss=f"{ema:.3f}")
+        if not deadline:
+            continue
         now = time.perf_counter()
-        # Re-plan at the scheduled points, and when the plan ends with much of the budget left.
+        # Re-plan at the scheduled points, and when the plan ends with much of the budget left; one
+        # collective per step decides both that and the stop.
         due = bool(replan_at) and now >= replan_at[0]
-        ending = deadline is not None and step == total_steps and total_steps < cap_steps \
-            and deadline - now > 0.05 * (deadline - start)
-        if deadline and _all_agree(due or ending, accelerator, device):
+        ending = step == total_steps and total_steps < cap_steps and deadline - now > 0.05 * (deadline - start)
+        replan, past_deadline = _any_process([due or ending, now > deadline], accelerator, device)
+        if past_deadline:
+            stopped_early = True
+            break
+        if replan:
             while replan_at and now >= replan_at[0]:
                 replan_at.pop(0)
             new_total = _replanned_steps(step, start, deadline, cap_steps, accelerator, device)
@@ -173,9 +179,6 @@ def train_sft(model: Any, tokenizer: Any, examples: Sequence[Example], cfg: SFTC
                 replans.append(total_steps)
                 bar.total = total_steps
                 bar.refresh()
-        if deadline and _all_agree(time.perf_counter() > deadline, accelerator, device):
-            stopped_early = True
-            break
     bar.close()
     model.eval()
     return {"steps": step, "planned_steps": total_steps, "replanned_steps": replans, "examples": len(data),
@@ -205,11 +208,12 @@ def padded_tokens_per_step(tokenizer: Any, examples: Sequence[Example], batch_si
     return sum(len(b) * max(lengths[i] for i in b) for b in batches) / max(1, len(batches))
 
 
-def _all_agree(flag: bool, accelerator: Any, device: torch.device) -> bool:
-    """A stop decision taken by every process together (any process past its deadline stops all)."""
+def _any_process(flags: list[bool], accelerator: Any, device: torch.device) -> list[bool]:
+    """Decisions taken by every process together: a flag holds if it holds on any process."""
     if accelerator is None or accelerator.num_processes == 1:
-        return flag
-    return bool(accelerator.reduce(torch.tensor([float(flag)], device=device), reduction="sum").item() > 0)
+        return flags
+    summed = accelerator.reduce(torch.tensor([float(f) for f in flags], device=device), reduction="sum")
+    return [bool(v > 0) for v in summed.tolist()]
 
 
 def _is_main(accelerator: Any) -> bool:

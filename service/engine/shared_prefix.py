@@ -12,8 +12,9 @@ about 2 ms on 2 cores), which mattered most for single requests.
 
 Every prompt starts with the same preamble (model_store.tokens.PREAMBLE), so its keys and values
 are computed once and reused by every batch (a static prefix cache, as vLLM's prefix caching does
-for shared prompt heads); only the history part of each prompt is prefilled. The cache is keyed on
-the parameters' version counters, so a model that is trained further is never served stale keys.
+for shared prompt heads); only the history part of each prompt is prefilled. It and the oneDNN-packed
+weight copies are refreshed when the parameters' version counters change, so a model that is trained
+further is never served stale keys or weights.
 
 The layers' own weights are used (q/k/v and gate/up stacked into one matrix each, the modules'
 parameters rebound to views of it) with the models' own formulas for RMSNorm, rotary embedding and
@@ -74,8 +75,9 @@ class _Linear:
 
     @torch.no_grad()
     def repack(self) -> None:
-        if not self.pack or _ONEDNN is None:
+        if not self.pack:
             return
+        assert _ONEDNN is not None
         try:
             packed = _ONEDNN[0](self.weight.detach(), None)
             probe = torch.randn(3, self.weight.shape[1], dtype=self.weight.dtype, device=self.weight.device)
@@ -192,32 +194,35 @@ class SharedPrefixDecoder(HFTrieDecoder):
         self.layers = [_Layer(layer, packed_weights) for layer in model.model.layers]
         self.final_norm = (model.model.norm.weight, model.model.norm.variance_epsilon)
         self.lm_head = _Linear(model.lm_head.weight, None, packed_weights)
-        self._packed_key = self._weights_version()
         self.static_ids: list[int] = list(tokenizer(static_prefix, add_special_tokens=False)["input_ids"]) \
             if static_prefix else []
         self._static_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
-        self._static_key: tuple[int, ...] | None = None
+        self._weights_key = self._weights_version()
 
     def _weights_version(self) -> tuple[int, ...]:
         return tuple(p._version for p in self.model.parameters())
 
-    def _refresh_packed(self) -> None:
-        """Re-pack the oneDNN weight copies after the model's weights changed (training)."""
+    def _sync_with_weights(self) -> None:
+        """After the model's weights changed in place (training): re-pack the oneDNN copies and drop
+        the static prefix's keys and values. One pass over the version counters per call."""
         key = self._weights_version()
-        if key != self._packed_key:
+        if key != self._weights_key:
             for layer in self.layers:
                 layer.repack()
             self.lm_head.repack()
-            self._packed_key = key
+            self._static_kv = None
+            self._weights_key = key
 
     def static_kv(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Every layer's rotated keys and values of the static prefix ([1, kv heads, P, head dim])."""
-        key = self._weights_version()
-        if self._static_kv is None or key != self._static_key:
+        self._sync_with_weights()
+        return self._cached_static_kv()
+
+    def _cached_static_kv(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        if self._static_kv is None:
             ids = torch.tensor([self.static_ids], device=self.device)
-            ones = torch.ones_like(ids)
-            _, self._static_kv = self._prefill(ids, ones, torch.arange(ids.shape[1], device=self.device)[None])
-            self._static_key = key
+            _, self._static_kv = self._prefill(ids, torch.ones_like(ids),
+                                               torch.arange(ids.shape[1], device=self.device)[None])
         return self._static_kv
 
     def _split_static(self, prompts: Sequence[str], prompt_ids: Sequence[Sequence[int]] | None
@@ -238,11 +243,11 @@ class SharedPrefixDecoder(HFTrieDecoder):
         batch = len(prompts) if prompt_ids is None else len(prompt_ids)
         filters = list(filters) if filters is not None else [None] * batch
         bias = stack_biases(biases, self.search.trie.num_nodes)
-        self._refresh_packed()
+        self._sync_with_weights()
         ids, cached = self._split_static(prompts, prompt_ids)
         enc = self._pad_ids(ids)
         mask = enc["attention_mask"]
-        static = self.static_kv() if cached else None
+        static = self._cached_static_kv() if cached else None
         offset = len(self.static_ids) if cached else 0
         positions = offset + (mask.cumsum(-1) - 1).clamp(min=0)
         # keys rotated, [B, kvh, P + Lp, d] (the static prefix first when cached)
