@@ -133,7 +133,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "bundle": args.bundle, "host": args.host, "port": args.port, "engine": args.engine,
         "engine_urls": args.engine_url or None, "redis_url": args.redis_url,
         "api_keys": args.api_key or None, "demo_page": args.demo_page or None,
-        "engine_worker": args.engine_worker or None,
+        "engine_worker": args.engine_worker or None, "engine_process": args.engine_process,
     }.items() if v is not None}
     serve(overrides)
     return 0
@@ -213,6 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--demo-page", action="store_true", default=None, help="serve the browser demo at /demo")
     serve.add_argument("--engine-worker", action="store_true", default=None,
                        help="also serve /internal/engine/* so gateways can route to this process")
+    serve.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=None,
+                       help="run the engine in a child process (default from GREAM_ENGINE_PROCESS)")
     serve.set_defaults(func=cmd_serve)
 
     from training.cli import add_training_commands

@@ -45,6 +45,8 @@ class Settings(BaseSettings):
         default_factory=list, description="remote engine workers; when set, the gateway runs no model itself")
     engine_worker: bool = Field(False, description="also expose /internal/engine/* so gateways can use this "
                                                    "process as a remote engine worker")
+    engine_process: bool = Field(False, description="run the local engine in a child process, so HTTP work "
+                                                    "and decoding do not share one GIL (service.engine.process)")
     engine_api_key: str | None = Field(None, repr=False, description="bearer key sent to remote workers")
     engine_timeout_s: float = Field(30.0, gt=0, description="per-call timeout to remote workers")
 

@@ -2,7 +2,8 @@
 
     gream train --data DIR --out BUNDLE [--config tiny|small|FILE] [--stages align,reason,srpo]
                 [--max-minutes N] [--items ITEMS.jsonl] [--teacher-url URL]
-    gream prior --bundle BUNDLE --data DIR --out NEW_BUNDLE [--strength S] [--floor F] [--holdout-valid]
+    gream prior --bundle BUNDLE --data DIR --out NEW_BUNDLE [--fusion mixture|product] [--mixture-weight W]
+                [--strength S] [--floor F] [--holdout-valid]
     gream eval --bundle BUNDLE --data DIR [--mode direct|reasoning|both] [--with-stages]
                [--prior both|off|only] [--report OUT.json] [--plot OUT.png]
 """
@@ -68,7 +69,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         stage_modes = modes if (label != STAGE_LABELS["align"] or not args.with_stages) else ["direct"]
         variants = [(label, None)] if args.prior != "only" or b.prior is None else []
         if b.prior is not None and args.prior != "off":
-            variants += prior_variants(label, b.prior, args.prior_strengths, args.prior_floors)
+            variants += prior_variants(label, b.prior, args.prior_strengths, args.prior_floors, args.prior_mixtures)
         metrics.update(evaluate_modes(model, tokenizer, b, rows, stage_modes, label, beams=args.beams,
                                       reasoning_rows=args.reasoning_limit, reasoning_tokens=args.reasoning_tokens,
                                       variants=variants))
@@ -108,8 +109,11 @@ def cmd_prior(args: argparse.Namespace) -> int:
     bundle = load_bundle(args.bundle)
     data = InteractionData.load(args.data)
     train = holdout_sequences(data.train, data.valid) if args.holdout_valid else data.train
-    cfg = {"enabled": True, "tune_weights": not args.no_tune,
-           **{k: v for k, v in (("strength", args.strength), ("floor", args.floor)) if v is not None}}
+    # --strength alone asks for the product fusion it weights; otherwise the default fusion.
+    fusion = args.fusion or ("product" if args.strength is not None else PriorSettings().fusion)
+    given = (("strength", args.strength), ("floor", args.floor), ("mixture_weight", args.mixture_weight))
+    cfg = {"enabled": True, "tune_weights": not args.no_tune, "fusion": fusion,
+           **{k: v for k, v in given if v is not None}}
     prior = fit_prior(bundle, train, data.valid, cfg, _log)
     tokenizer = AutoTokenizer.from_pretrained(str(bundle.tokenizer_path), local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(str(bundle.model_path), local_files_only=True) \
@@ -127,17 +131,22 @@ def _floats(text: str | None) -> list[float]:
     return [float(x) for x in text.split(",") if x.strip()] if text else []
 
 
-def prior_variants(label: str, prior: Any, strengths: str | None, floors: str | None) -> list[tuple[str, Any]]:
-    """The bundle's prior, or one variant per (strength, floor) asked for (tuning on valid)."""
-    grid = [(s, f) for s in _floats(strengths) or [None] for f in _floats(floors) or [None]]
-    if grid == [(None, None)]:
+def prior_variants(label: str, prior: Any, strengths: str | None, floors: str | None,
+                   mixtures: str | None = None) -> list[tuple[str, Any]]:
+    """The bundle's prior, or one variant per setting asked for (tuning on valid): product fusion at
+    each strength x floor, mixture fusion at each prior weight x floor."""
+    floor_grid = _floats(floors) or [None]
+    grid: list[dict[str, Any]] = [{"fusion": "product", "strength": s} for s in _floats(strengths)]
+    grid += [{"fusion": "mixture", "mixture_weight": w} for w in _floats(mixtures)]
+    if not grid and floor_grid == [None]:
         return [(f"{label} +prior", prior)]
     out = []
-    for strength, floor in grid:
-        changes = {k: v for k, v in (("strength", strength), ("floor", floor)) if v is not None}
-        variant = prior.with_settings(**changes)
-        out.append((f"{label} +prior(strength={variant.settings.strength:g}, floor={variant.settings.floor:g})",
-                    variant))
+    for changes in grid or [{}]:
+        for floor in floor_grid:
+            variant = prior.with_settings(**changes, **({} if floor is None else {"floor": floor}))
+            st = variant.settings
+            what = f"mixture={st.mixture_weight:g}" if st.fusion == "mixture" else f"strength={st.strength:g}"
+            out.append((f"{label} +prior({what}, floor={st.floor:g})", variant))
     return out
 
 
@@ -159,8 +168,12 @@ def add_training_commands(sub: argparse._SubParsersAction) -> None:
     pr.add_argument("--bundle", required=True)
     pr.add_argument("--data", required=True, help="folder with train.jsonl and valid.jsonl")
     pr.add_argument("--out", required=True, help="bundle folder to write")
+    pr.add_argument("--fusion", choices=["mixture", "product"], default=None,
+                    help=f"how decoding fuses the prior with the model (default {PriorSettings().fusion})")
+    pr.add_argument("--mixture-weight", type=float, default=None,
+                    help=f"mixture fusion: the prior's share (default {PriorSettings().mixture_weight:g})")
     pr.add_argument("--strength", type=float, default=None,
-                    help=f"weight of log p_prior (default {PriorSettings().strength:g})")
+                    help=f"product fusion: weight of log p_prior (default {PriorSettings().strength:g})")
     pr.add_argument("--floor", type=float, default=None,
                     help=f"uniform share of the prior's mass (default {PriorSettings().floor:g})")
     pr.add_argument("--no-tune", action="store_true", help="keep the default transition weights")
@@ -178,6 +191,8 @@ def add_training_commands(sub: argparse._SubParsersAction) -> None:
                     help="rows to evaluate on; valid is for tuning (use a bundle trained with holdout_valid)")
     ev.add_argument("--prior-strengths", default=None, help="comma-separated strengths to try (tuning on valid)")
     ev.add_argument("--prior-floors", default=None, help="comma-separated floors to try (tuning on valid)")
+    ev.add_argument("--prior-mixtures", default=None,
+                    help="comma-separated prior weights of mixture fusion to try (tuning on valid)")
     ev.add_argument("--beams", type=int, default=20)
     ev.add_argument("--no-sasrec", action="store_true", help="skip the SASRec baseline (minutes on 2 cores)")
     ev.add_argument("--prior", choices=["both", "off", "only"], default="both",

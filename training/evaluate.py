@@ -36,10 +36,10 @@ def ranking_metrics(ranked: Sequence[Sequence[str]], targets: Sequence[str],
 
 
 def prior_biases(bundle: Bundle, prior: TransitionPrior | None, rows: Sequence[EvalRow]) -> list[Any] | None:
-    """Each row's prior node bias for the beam search (None without a prior), as the service computes it."""
+    """Each row's prior term for the beam search (None without a prior), as the service computes it."""
     if prior is None:
         return None
-    return [prior.node_bias([bundle.index_of[i] for i in r.history if i in bundle.index_of], bundle.trie)
+    return [prior.node_fusion([bundle.index_of[i] for i in r.history if i in bundle.index_of], bundle.trie)
             for r in rows]
 
 

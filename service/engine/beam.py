@@ -6,9 +6,10 @@ request's exclusions), scores candidates by summed raw log-probabilities (DESIGN
 keeps the best `width` per prompt. Nothing here knows which runtime produced the numbers, so all
 engines rank identically.
 
-When the bundle has a collaborative prior (model_store.prior), each prompt may carry a node bias: a
-step into trie node c from node n adds bias[c] - bias[n], so an item's final score is the model's
-summed log-probability plus the prior's `strength * log p_prior(item)`.
+When the bundle has a collaborative prior (model_store.prior), each prompt may carry its
+`NodeFusion`: beams then rank by the fused score of the node they reached, computed from the model's
+summed log-probability so far and the prior's term for that node (a mixture of the two distributions,
+or their product), and an item's score is the fused score of its leaf.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from model_store.prior import TransitionPrior
+from model_store.prior import NodeFusion, TransitionPrior
 from model_store.trie import ROOT, ItemTrie, TrieFilter
 from service.engine.base import ScoredItem
 
@@ -28,12 +29,27 @@ from service.engine.base import ScoredItem
 class BeamState:
     prompt: np.ndarray  # int64 [beams]: which prompt of the batch each live beam serves
     node: np.ndarray  # int64 [beams]: trie node the beam has reached
-    score: np.ndarray  # float64 [beams]: summed raw log-probabilities so far
+    score: np.ndarray  # float64 [beams]: what beams rank by: model_score, fused with the prior if any
+    model_score: np.ndarray  # float64 [beams]: summed raw log-probabilities so far
     depth: int = 0
 
     @property
     def size(self) -> int:
         return len(self.node)
+
+
+@dataclass(frozen=True)
+class StackedFusion:
+    """The NodeFusion of every prompt of a batch (prompts without a prior score by the model alone)."""
+
+    term: np.ndarray  # float64 [prompts, trie nodes]
+    model_log_weight: np.ndarray | None  # float64 [prompts] for mixtures; None for products
+
+    def score(self, prompt: np.ndarray, node: np.ndarray, model_score: np.ndarray) -> np.ndarray:
+        term = self.term[prompt, node]
+        if self.model_log_weight is None:
+            return model_score + term
+        return np.logaddexp(term, self.model_log_weight[prompt] + model_score)
 
 
 @dataclass(frozen=True)
@@ -54,25 +70,25 @@ class TrieBeamSearch:
 
     def start(self, batch_size: int) -> BeamState:
         return BeamState(prompt=np.arange(batch_size, dtype=np.int64),
-                         node=np.full(batch_size, ROOT, dtype=np.int64), score=np.zeros(batch_size))
+                         node=np.full(batch_size, ROOT, dtype=np.int64), score=np.zeros(batch_size),
+                         model_score=np.zeros(batch_size))
 
     def advance(self, state: BeamState, logprobs: torch.Tensor, widths: Sequence[int],
-                filters: Sequence[TrieFilter | None], biases: np.ndarray | None = None) -> Step:
+                filters: Sequence[TrieFilter | None], biases: StackedFusion | None = None) -> Step:
         """Expand every live beam by its allowed children and keep the top widths[p] per prompt p.
 
         `logprobs` is [state.size, vocab]: raw log-probabilities of the next token for each beam.
-        `biases` is None or float64 [prompts, trie nodes] from `stack_biases`.
+        `biases` is None or the batch's prior terms from `stack_biases`.
         """
         rows, codes, nodes = self._candidates(state, filters)
         tokens = self.code_token[codes]
         cand_prompt = state.prompt[rows]
         if len(rows):
             picked = logprobs[torch.from_numpy(rows), torch.from_numpy(tokens)]
-            cand_score = state.score[rows] + picked.double().cpu().numpy()
-            if biases is not None:
-                cand_score += biases[cand_prompt, nodes] - biases[cand_prompt, state.node[rows]]
+            model_score = state.model_score[rows] + picked.double().cpu().numpy()
+            cand_score = model_score if biases is None else biases.score(cand_prompt, nodes, model_score)
         else:
-            cand_score = np.zeros(0)
+            model_score = cand_score = np.zeros(0)
         # Best first within each prompt; ties broken by token id so every engine agrees exactly.
         order = np.lexsort((tokens, -cand_score, cand_prompt))
         cand_prompt = cand_prompt[order]
@@ -80,7 +96,7 @@ class TrieBeamSearch:
         rank = np.arange(len(order)) - group_start
         keep = order[rank < np.asarray(widths, dtype=np.int64)[cand_prompt]]
         new_state = BeamState(prompt=state.prompt[rows[keep]], node=nodes[keep], score=cand_score[keep],
-                              depth=state.depth + 1)
+                              model_score=model_score[keep], depth=state.depth + 1)
         return Step(state=new_state, parent=rows[keep], token=tokens[keep])
 
     def _candidates(self, state: BeamState, filters: Sequence[TrieFilter | None]
@@ -110,23 +126,33 @@ class TrieBeamSearch:
 
 
 def request_bias(prior: TransitionPrior | None, trie: ItemTrie, history: Sequence[int] | None,
-                 exclude: Iterable[int] = (), allow: Iterable[int] | None = None) -> np.ndarray | None:
-    """The node bias a request decodes with: the prior's (mass over the items it may get), when the
-    bundle has one and the request carries its history (EngineRequest.history); else None."""
+                 exclude: Iterable[int] = (), allow: Iterable[int] | None = None) -> NodeFusion | None:
+    """The prior term a request decodes with (its mass over the items the request may get), when the
+    bundle has a prior and the request carries its history (EngineRequest.history); else None."""
     if prior is None or history is None:
         return None
-    return prior.node_bias(history, trie, exclude, allow)
+    return prior.node_fusion(history, trie, exclude, allow)
 
 
-def stack_biases(biases: Sequence[np.ndarray | None] | None, num_nodes: int) -> np.ndarray | None:
-    """Per-prompt node biases as one [prompts, nodes] matrix (zero rows for prompts without one)."""
-    if biases is None or all(b is None for b in biases):
+def stack_biases(biases: Sequence[NodeFusion | None] | None, num_nodes: int) -> StackedFusion | None:
+    """Per-prompt prior terms as one batch; None when no prompt has one."""
+    present = [b for b in biases or () if b is not None]
+    if not present:
         return None
-    out = np.zeros((len(biases), num_nodes))
-    for row, bias in enumerate(biases):
-        if bias is not None:
-            out[row] = bias
-    return out
+    mixture = {b.model_log_weight is not None for b in present}
+    if len(mixture) > 1:
+        raise ValueError("one batch cannot mix product and mixture fusion")
+    if mixture == {True}:  # rows without a prior: logaddexp(-inf, 0 + model) = model
+        term, weight = np.full((len(biases), num_nodes), -np.inf), np.zeros(len(biases))  # type: ignore[arg-type]
+        for row, b in enumerate(biases):  # type: ignore[arg-type]
+            if b is not None:
+                term[row], weight[row] = b.term, b.model_log_weight
+        return StackedFusion(term, weight)
+    term = np.zeros((len(biases), num_nodes))  # type: ignore[arg-type]
+    for row, b in enumerate(biases):  # type: ignore[arg-type]
+        if b is not None:
+            term[row] = b.term
+    return StackedFusion(term, None)
 
 
 def beam_widths(ks: Sequence[int], num_beams: Sequence[int | None], default_beams: int) -> list[int]:

@@ -23,11 +23,21 @@ def engine_kwargs(settings: Settings, engine_cls: type) -> dict[str, Any]:
 
 
 def create_engine(settings: Settings, bundle: Bundle) -> Engine:
+    """The gateway's engine: remote workers, a local engine in a child process, or one in-process."""
     if settings.engine_urls:
         from service.engine.remote import RemoteEngine
 
         return RemoteEngine(settings.engine_urls, timeout_s=settings.engine_timeout_s,
                             api_key=settings.engine_api_key, expected_version=bundle.version)
+    if settings.engine_process:
+        from service.engine.process import ProcessEngine
+
+        return ProcessEngine(settings, bundle)
+    return create_local_engine(settings, bundle)
+
+
+def create_local_engine(settings: Settings, bundle: Bundle) -> Engine:
+    """The model runtime itself (transformers or vLLM), in this process."""
     if settings.engine == "vllm":
         try:
             from service.engine.vllm_engine import VLLMEngine

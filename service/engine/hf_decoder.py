@@ -15,16 +15,17 @@ from typing import Any
 import numpy as np
 import torch
 
+from model_store.prior import NodeFusion
 from model_store.trie import ItemTrie, TrieFilter
 from service.engine.base import ScoredItem
-from service.engine.beam import Step, TrieBeamSearch, stack_biases
+from service.engine.beam import StackedFusion, Step, TrieBeamSearch, stack_biases
 
 
 @dataclass
 class Prefilled:
     batch: int
     filters: list[TrieFilter | None]
-    biases: np.ndarray | None  # [batch, trie nodes] prior bias (beam.stack_biases), None without a prior
+    biases: StackedFusion | None  # the batch's prior terms (beam.stack_biases), None without a prior
     mask: torch.Tensor  # [batch, prompt length], left padded
     positions: torch.Tensor  # [batch, prompt length]
     cache: Any  # the prompts' KV cache (transformers Cache)
@@ -49,7 +50,7 @@ class HFTrieDecoder:
     def prefill(self, prompts: Sequence[str], widths: Sequence[int],
                 filters: Sequence[TrieFilter | None] | None = None,
                 prompt_ids: Sequence[Sequence[int]] | None = None,
-                biases: Sequence[np.ndarray | None] | None = None) -> Prefilled:
+                biases: Sequence[NodeFusion | None] | None = None) -> Prefilled:
         """Run every prompt once (left-padded batch) and take the first beam step from its logits."""
         batch = len(prompts) if prompt_ids is None else len(prompt_ids)
         filters = list(filters) if filters is not None else [None] * batch
@@ -67,9 +68,9 @@ class HFTrieDecoder:
     def topk(self, prompts: Sequence[str], ks: Sequence[int], widths: Sequence[int],
              filters: Sequence[TrieFilter | None] | None = None,
              prompt_ids: Sequence[Sequence[int]] | None = None,
-             biases: Sequence[np.ndarray | None] | None = None) -> list[list[ScoredItem]]:
+             biases: Sequence[NodeFusion | None] | None = None) -> list[list[ScoredItem]]:
         """Top-k items per prompt by trie-constrained beam search with `widths[p]` beams; `biases[p]` is
-        prompt p's prior node bias (model_store.prior.TransitionPrior.node_bias) or None."""
+        prompt p's prior term (model_store.prior.TransitionPrior.node_fusion) or None."""
         pre = self.prefill(prompts, widths, filters, prompt_ids, biases)
         cache, mask, step = pre.cache, pre.mask, pre.step
         last_pos = pre.positions[:, -1]

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from model_store.prior import NodeFusion
 from model_store.tokens import PREAMBLE
 from model_store.trie import TrieFilter
 from service.engine.base import ScoredItem
@@ -239,7 +240,7 @@ class SharedPrefixDecoder(HFTrieDecoder):
     def topk(self, prompts: Sequence[str], ks: Sequence[int], widths: Sequence[int],
              filters: Sequence[TrieFilter | None] | None = None,
              prompt_ids: Sequence[Sequence[int]] | None = None,
-             biases: Sequence[np.ndarray | None] | None = None) -> list[list[ScoredItem]]:
+             biases: Sequence[NodeFusion | None] | None = None) -> list[list[ScoredItem]]:
         batch = len(prompts) if prompt_ids is None else len(prompt_ids)
         filters = list(filters) if filters is not None else [None] * batch
         bias = stack_biases(biases, self.search.trie.num_nodes)

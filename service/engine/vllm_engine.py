@@ -46,6 +46,7 @@ import numpy as np
 import torch
 
 from model_store.bundle import Bundle, load_bundle
+from model_store.prior import NodeFusion
 from model_store.tokens import (
     THINK_END,
     direct_prompt,
@@ -268,8 +269,8 @@ class VLLMEngine(Engine):
             self._step_seconds = 0.8 * self._step_seconds + 0.2 * (time.perf_counter() - started)
 
     async def _topk(self, request_id: str, prompt_ids: list[int], k: int, width: int,
-                    filt: TrieFilter | None, bias: np.ndarray | None) -> list[ScoredItem]:
-        """Trie-constrained beam search of `width` beams (fused with the prior's node `bias`, if any);
+                    filt: TrieFilter | None, bias: NodeFusion | None) -> list[ScoredItem]:
+        """Trie-constrained beam search of `width` beams (fused with the prior's term `bias`, if any);
         the top-k items, best first."""
         assert self._search is not None
         search, trie = self._search, self.bundle.trie

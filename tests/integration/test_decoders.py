@@ -77,17 +77,22 @@ def test_scores_are_exact_summed_log_probs(setup) -> None:  # type: ignore[no-un
     assert np.allclose([s.score for s in found], exact[[s.index for s in found]], atol=1e-4)
 
 
-def test_prior_fusion_adds_the_prior_exactly(setup) -> None:  # type: ignore[no-untyped-def]
-    """Fused scores are the exact summed log-probabilities plus strength * log p_prior(item), on both
-    decoders, and the prior moves the ranking towards the fixture's i -> i + 1 transitions."""
+@pytest.mark.parametrize("fusion", ["product", "mixture"])
+def test_prior_fusion_is_exact(setup, fusion: str) -> None:  # type: ignore[no-untyped-def]
+    """Fused scores are exact on both decoders: the summed log-probabilities plus strength * log
+    p_prior(item) (product), or log(w p_prior + (1 - w) p_model) (mixture); and the prior moves the
+    ranking towards the fixture's i -> i + 1 transitions."""
     from service.engine.beam import request_bias
 
     bundle, tok, model, ids = setup
     prompt = _prompts(bundle, 1, seed=9)[0]
     history = [40, 41]
+    prior = bundle.prior.with_settings(fusion=fusion)
     exact = exhaustive_scores(model, tok, prompt, bundle.codes, ids, bundle.id_format)
-    fused = exact + bundle.prior.settings.strength * np.log(bundle.prior.item_probs(history))
-    bias = request_bias(bundle.prior, bundle.trie, history)
+    p = prior.item_probs(history)
+    w = prior.settings.mixture_weight
+    fused = exact + prior.settings.strength * np.log(p) if fusion == "product" else np.log(w * p + (1 - w) * np.exp(exact))
+    bias = request_bias(prior, bundle.trie, history)
     for decoder in (HFTrieDecoder, SharedPrefixDecoder):
         found = decoder(model, tok, bundle.trie, ids).topk([prompt, prompt], [10, 10], [300, 300],
                                                            biases=[bias, None])

@@ -72,10 +72,12 @@ def test_train_then_serve_then_eval(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert main(["prior", "--bundle", str(out), "--data", str(data), "--out", str(refit), "--strength", "0.5"]) == 0
     capsys.readouterr()
     again = load_bundle(refit)
-    assert again.prior is not None and again.prior.settings.strength == 0.5 and again.version != bundle.version
+    assert again.prior is not None and again.version != bundle.version
+    assert (again.prior.settings.fusion, again.prior.settings.strength) == ("product", 0.5)  # --strength: product
     assert main(["eval", "--bundle", str(refit), "--data", str(data), "--split", "valid", "--limit", "8",
-                 "--no-sasrec", "--prior-strengths", "0.5,2", "--report", str(report)]) == 0
+                 "--no-sasrec", "--prior-strengths", "0.5,2", "--prior-mixtures", "0.7", "--report", str(report)]) == 0
     tuned = json.loads(report.read_text())
     assert tuned["split"] == "valid"
     assert {"model (direct)", "model +prior(strength=0.5, floor=0.02) (direct)",
-            "model +prior(strength=2, floor=0.02) (direct)"} <= set(tuned["metrics"])
+            "model +prior(strength=2, floor=0.02) (direct)",
+            "model +prior(mixture=0.7, floor=0.02) (direct)"} <= set(tuned["metrics"])

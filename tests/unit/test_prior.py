@@ -4,6 +4,7 @@ biases that telescope to the item's prior, persistence in bundles, fusion in the
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ import torch
 from model_store.bundle import BundleError, load_bundle, save_bundle
 from model_store.prior import PriorSettings, TransitionPrior
 from model_store.testing import make_tiny_bundle
-from service.engine.beam import TrieBeamSearch, request_bias, stack_biases
+from service.engine.beam import StackedFusion, TrieBeamSearch, request_bias, stack_biases
 
 SEQS = [[0, 1, 2], [0, 1, 3], [1, 2, 4], [3, 4]]
 
@@ -90,30 +91,69 @@ def test_settings_validation() -> None:
         PriorSettings.from_dict({"floor": 0})
     with pytest.raises(ValueError, match="strength"):
         PriorSettings.from_dict({"strength": -1})
+    with pytest.raises(ValueError, match="fusion"):
+        PriorSettings.from_dict({"fusion": "sum"})
+    with pytest.raises(ValueError, match="mixture_weight"):
+        PriorSettings.from_dict({"fusion": "mixture", "mixture_weight": 1.0})
     s = PriorSettings.from_dict({"weights": [1, 0.1, 0], "strength": 2, "enabled": True})
     assert PriorSettings.from_dict(s.to_dict()) == s
+    m = PriorSettings(fusion="mixture", mixture_weight=0.7)
+    assert PriorSettings.from_dict(m.to_dict()) == m
+    # Manifests written before mixture fusion existed name no fusion: they keep decoding as products.
+    assert s.fusion == "product" and PriorSettings().fusion == "mixture"
 
 
-def test_beam_search_fuses_the_prior(tmp_path: Path) -> None:
-    """With flat model log-probabilities, the fused beam ranks items exactly by the prior."""
-    bundle = load_bundle(make_tiny_bundle(tmp_path / "b", n_items=80, with_model=False))
-    trie, prior = bundle.trie, bundle.prior
+def _flat_beam_search(bundle: Any, prior: TransitionPrior, history: list[int]) -> tuple[list[Any], list[Any], float]:
+    """Fused and plain top-5 of a beam search whose model gives every token the same log-probability."""
+    trie = bundle.trie
     vocab = bundle.id_format.vocab_size
     search = TrieBeamSearch(trie, list(range(vocab)))  # code == vocabulary id for this check
-    history = [10, 11]
     biases = stack_biases([request_bias(prior, trie, history), None], trie.num_nodes)
     state = search.start(2)
     for _ in range(trie.depth):
         flat = torch.full((state.size, vocab), -np.log(vocab))
         state = search.advance(state, flat, [80, 80], [None, None], biases).state
     fused, plain = search.finish(state, 2, [5, 5])
+    return fused, plain, trie.depth * -np.log(vocab)
+
+
+def test_beam_search_fuses_the_prior_as_a_product(tmp_path: Path) -> None:
+    """With flat model log-probabilities, the fused beam ranks items exactly by the prior."""
+    bundle = load_bundle(make_tiny_bundle(tmp_path / "b", n_items=80, with_model=False))
+    prior = bundle.prior.with_settings(fusion="product")
+    history = [10, 11]
+    fused, plain, model = _flat_beam_search(bundle, prior, history)
     p = prior.item_probs(history)
     assert [s.index for s in fused][:2] == [12, 13]  # next after 11, then the skip/two-step item
     strength = prior.settings.strength
-    np.testing.assert_allclose([s.score for s in fused],
-                               [trie.depth * -np.log(vocab) + strength * np.log(p[s.index]) for s in fused])
+    np.testing.assert_allclose([s.score for s in fused], [model + strength * np.log(p[s.index]) for s in fused])
     assert len({s.score for s in plain}) == 1  # the second prompt had no prior: all ties
-    assert request_bias(None, trie, history) is None and request_bias(prior, trie, None) is None
+    assert request_bias(None, bundle.trie, history) is None and request_bias(prior, bundle.trie, None) is None
+
+
+def test_beam_search_fuses_the_prior_as_a_mixture(tmp_path: Path) -> None:
+    """Mixture fusion scores each item log(w p_prior + (1 - w) p_model), prefixes by their mass."""
+    bundle = load_bundle(make_tiny_bundle(tmp_path / "b", n_items=80, with_model=False))
+    prior = bundle.prior.with_settings(fusion="mixture", mixture_weight=0.6)
+    history = [10, 11]
+    fused, plain, model = _flat_beam_search(bundle, prior, history)
+    p = prior.item_probs(history)
+    assert [s.index for s in fused][:2] == [12, 13]
+    np.testing.assert_allclose([s.score for s in fused],
+                               [np.log(0.6 * p[s.index] + 0.4 * np.exp(model)) for s in fused])
+    np.testing.assert_allclose([s.score for s in plain], model)  # no prior: the model's own score
+    with pytest.raises(ValueError, match="mix product and mixture"):
+        stack_biases([request_bias(prior, bundle.trie, history),
+                      request_bias(prior.with_settings(fusion="product"), bundle.trie, history)], bundle.trie.num_nodes)
+
+
+def test_mixture_lets_the_model_rank_what_the_prior_does_not_know() -> None:
+    """Unlike the product, the mixture keeps the prior's confident item on top while the model, not
+    the prior's uniform floor, orders the items without transitions."""
+    term = np.log(0.8) + np.log(np.array([1.0, 0.9, 0.001, 0.001]))  # root, a known item, two unknown ones
+    fused = StackedFusion(term[None, :], np.array([np.log(0.2)]))
+    scores = fused.score(np.zeros(3, dtype=np.int64), np.array([1, 2, 3]), np.log(np.array([0.01, 0.3, 0.02])))
+    assert scores[0] > scores[1] > scores[2]
 
 
 def test_excluded_items_add_no_mass(tmp_path: Path) -> None:
