@@ -290,7 +290,8 @@ async def bench_gateway(bundle_dir: Path, bundle: Any, histories: Sequence[Seque
             for _ in range(2):
                 await asyncio.gather(*(one(i) for i in range(min(8, len(bodies)))))
             for c in concurrencies:
-                row = Row(f"gateway: HTTP -> {engine}", c, [], 0.0)
+                where = " (child process)" if env.get("GREAM_ENGINE_PROCESS", "").lower() in ("1", "true") else ""
+                row = Row(f"gateway: HTTP -> {engine}{where}", c, [], 0.0)
                 bare = Row(f"{paired[0]}, taking turns with the gateway", c, [], 0.0) if paired else None
                 before, cpu = await batch_totals(client), 0.0
                 for part in rounds_of(len(bodies), rounds):

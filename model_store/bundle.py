@@ -23,6 +23,7 @@ import os
 import shutil
 import tempfile
 from dataclasses import dataclass, field
+from functools import cached_property
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -61,9 +62,19 @@ class Bundle:
     def __post_init__(self) -> None:
         self.index_of = {item.item_id: i for i, item in enumerate(self.items)}
 
-    @property
+    @cached_property
     def id_format(self) -> IdFormat:
         return IdFormat.from_dict(self.manifest["id_format"])
+
+    @cached_property
+    def _spelled(self) -> list[str]:
+        # Every request spells its history and its answers: once per bundle, not per call.
+        fmt = self.id_format
+        return [fmt.spell(c) for c in self.codes]
+
+    @cached_property
+    def _popularity_order(self) -> list[int]:
+        return [int(i) for i in np.argsort(-self.popularity, kind="stable")]
 
     @property
     def version(self) -> str:
@@ -93,12 +104,17 @@ class Bundle:
         return int(value) if value else None
 
     def spelled_id(self, index: int) -> str:
-        return self.id_format.spell(self.codes[index])
+        return self._spelled[index]
 
     def popular(self, k: int, exclude: set[int] | frozenset[int] = frozenset()) -> list[int]:
         """Most popular item indices (ties: catalog order), skipping `exclude`."""
-        order = np.argsort(-self.popularity, kind="stable")
-        return [int(i) for i in order if int(i) not in exclude][:k]
+        out: list[int] = []
+        for i in self._popularity_order:
+            if len(out) == k:
+                break
+            if i not in exclude:
+                out.append(i)
+        return out
 
 
 # ------------------------------------------------------------------------------------------ hashing

@@ -136,8 +136,11 @@ class GatewayMiddleware:
                             rid: str) -> Receive | None:
         """Read the whole body (it is small by construction) and replay it; None when it was refused."""
         limit = self._body_limit(scope["path"])
-        too_large = _json_error(413, "payload_too_large", f"request body exceeds {limit} bytes", rid,
-                                errors=[{"field": "body", "message": f"at most {limit} bytes"}])
+
+        async def too_large(scope: Scope, receive: Receive, send: Send) -> None:  # built only when needed
+            await _json_error(413, "payload_too_large", f"request body exceeds {limit} bytes", rid,
+                              errors=[{"field": "body", "message": f"at most {limit} bytes"}])(scope, receive, send)
+
         declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             await too_large(scope, receive, send)
@@ -321,5 +324,7 @@ def serve(overrides: dict[str, Any] | None = None) -> None:
 
     settings = load_settings(overrides)
     configure_logging(settings)
+    if settings.gil_switch_interval_ms is not None:
+        sys.setswitchinterval(settings.gil_switch_interval_ms / 1000)
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_config=None,
                 access_log=False, timeout_graceful_shutdown=10)
