@@ -324,7 +324,5 @@ def serve(overrides: dict[str, Any] | None = None) -> None:
 
     settings = load_settings(overrides)
     configure_logging(settings)
-    if settings.gil_switch_interval_ms is not None:
-        sys.setswitchinterval(settings.gil_switch_interval_ms / 1000)
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_config=None,
                 access_log=False, timeout_graceful_shutdown=10)

@@ -81,9 +81,6 @@ class Settings(BaseSettings):
     max_concurrent_reasoning: int = Field(16, ge=1)
     reasoning_temperature: float = Field(0.0, ge=0, description="0 = greedy")
     torch_threads: int | None = Field(None, ge=1)
-    gil_switch_interval_ms: float | None = Field(
-        None, gt=0, description="sys.setswitchinterval for the serving process (Python's default 5 ms): how long "
-                                "the engine thread may wait for the GIL while the event loop is busy")
     dtype: DType = "float32"
 
     # ------------------------------------------------------------------ presentation
