@@ -289,28 +289,14 @@ async def bench_gateway(bundle_dir: Path, bundle: Any, histories: Sequence[Seque
 
             for _ in range(2):
                 await asyncio.gather(*(one(i) for i in range(min(8, len(bodies)))))
-            # The same engine class as the gateway's, in this process and driven through its own async
-            # API: the micro-batcher and worker thread without HTTP (what the gateway adds on top).
-            local = await start_local_engine(bundle, dtype) if paired is not None else None
-            prompts = paired[2] if paired is not None else []
-
-            async def in_process(i: int) -> list[int]:
-                assert local is not None
-                from service.engine.base import EngineRequest
-
-                return [s.index for s in await local.recommend(EngineRequest(f"bench-{i}", prompts[i], k=K))]
-
             for c in concurrencies:
                 where = " (child process)" if env.get("GREAM_ENGINE_PROCESS", "").lower() in ("1", "true") else ""
                 row = Row(f"gateway: HTTP -> {engine}{where}", c, [], 0.0)
                 bare = Row(f"{paired[0]}, taking turns with the gateway", c, [], 0.0) if paired else None
-                api = Row(f"{ENGINE_ROW}, taking turns with the gateway", c, [], 0.0) if local else None
                 before, cpu = await batch_totals(client), 0.0
                 for part in rounds_of(len(bodies), rounds):
                     if paired is not None and bare is not None:
                         bare.add(run_batches(bare.engine, paired[1], [paired[2][i] for i in part], c))
-                    if api is not None:
-                        api.add(await run_async(api.engine, in_process, part, c))
                     t_cpu = time.process_time()
                     row.add(await run_async(row.engine, one, part, c))
                     cpu += time.process_time() - t_cpu
@@ -319,10 +305,8 @@ async def bench_gateway(bundle_dir: Path, bundle: Any, histories: Sequence[Seque
                 after = await batch_totals(client)
                 if after[1] > before[1]:
                     row.note += f", mean engine batch {(after[0] - before[0]) / (after[1] - before[1]):.1f}"
-                rows += [r for r in (bare, api, row) if r is not None]
+                rows += [r for r in (bare, row) if r is not None]
             await lean.close()
-            if local is not None:
-                await local.close()
     finally:
         proc.terminate()
         try:
@@ -332,18 +316,6 @@ async def bench_gateway(bundle_dir: Path, bundle: Any, histories: Sequence[Seque
             proc.wait()
         log_file.close()
     return rows
-
-
-ENGINE_ROW = "transformers engine in-process (micro-batcher, async callers)"
-
-
-async def start_local_engine(bundle: Any, dtype: str) -> Any:
-    """A TransformersEngine configured as bench_gateway configures the gateway's."""
-    from service.engine.transformers_engine import TransformersEngine
-
-    engine = TransformersEngine(bundle, default_beams=BEAMS, queue_max=4096, max_batch=32, dtype=DTYPES[dtype])
-    await engine.start()
-    return engine
 
 
 class KeepAliveClient:
@@ -511,12 +483,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             # The gateway's transformers engine runs the default decoder: compare with that row, best
             # the one measured taking turns with the gateway.
             same.sort(key=lambda b: ("taking turns" not in b.engine, "engine default" not in b.engine))
-            same = [b for b in same if not b.engine.startswith(ENGINE_ROW)]
-            via_api = [b for b in rows if b.concurrency == r.concurrency and b.engine.startswith(ENGINE_ROW)]
-            for bare in same[:1] + via_api[:1]:
-                share = r.rps / bare.rps if bare.rps > 0 else float("nan")
-                print(f"gateway at concurrency {r.concurrency}: {share * 100:.0f} % of the req/s of {bare.engine} "
-                      f"(target >= 87 %, i.e. <= 15 % overhead)")
+            if same:
+                share = r.rps / same[0].rps if same[0].rps > 0 else float("nan")
+                print(f"gateway at concurrency {r.concurrency}: {share * 100:.0f} % of the bare engine's req/s "
+                      f"({same[0].engine}; target >= 87 %, i.e. <= 15 % overhead)")
     if args.json:
         out = [{"engine": r.engine, "concurrency": r.concurrency, "rps": round(r.rps, 3),
                 "p50_ms": round(r.pct(50), 2), "p99_ms": round(r.pct(99), 2),
