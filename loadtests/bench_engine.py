@@ -144,6 +144,44 @@ async def run_async(name: str, fn: Callable[[int], Awaitable[list[int]]], indice
     return Row(name, concurrency, lat, wall, results)
 
 
+async def run_steady(name: str, fn: Callable[[int], Awaitable[list[int]]], indices: Sequence[int],
+                     concurrency: int) -> Row:
+    """Like run_async, but in steady state: `concurrency` untimed requests run before the measured ones
+    and untimed filler requests after them until the last measured one ends, so a batching server sees
+    `concurrency` callers for the whole measured window (a short closed-loop round otherwise ramps up
+    and down, and its partial batches are charged to the server; the bare engine's rows get whole
+    batches by construction)."""
+    from tqdm import tqdm
+
+    order = list(indices)
+    n = len(order)
+    lat = [0.0] * n
+    results: list[list[int]] = [[] for _ in range(n)]
+    queue = [(None, order[i % n]) for i in range(concurrency)] + [(slot, order[slot]) for slot in range(n)]
+    pending = n
+    window: list[float] = []
+    bar = tqdm(total=n, desc=f"{name} c={concurrency}", unit="req", leave=False)
+
+    async def worker() -> None:
+        nonlocal pending
+        while pending:
+            slot, index = queue.pop(0) if queue else (None, order[0])  # filler once the measured ones are out
+            t = time.perf_counter()
+            if slot is not None and not window:
+                window.append(t)
+            out = await fn(index)
+            if slot is not None:
+                lat[slot], results[slot] = time.perf_counter() - t, out
+                pending -= 1
+                bar.update(1)
+                if not pending:
+                    window.append(time.perf_counter())
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    bar.close()
+    return Row(name, concurrency, lat, window[-1] - window[0], results)
+
+
 def rounds_of(n: int, rounds: int) -> list[range]:
     """`rounds` consecutive slices of 0..n-1 (engines take turns on them, so a slow minute of this
     noisy machine is shared by every engine instead of landing on one row)."""
@@ -298,7 +336,7 @@ async def bench_gateway(bundle_dir: Path, bundle: Any, histories: Sequence[Seque
                     if paired is not None and bare is not None:
                         bare.add(run_batches(bare.engine, paired[1], [paired[2][i] for i in part], c))
                     t_cpu = time.process_time()
-                    row.add(await run_async(row.engine, one, part, c))
+                    row.add(await run_steady(row.engine, one, part, c))
                     cpu += time.process_time() - t_cpu
                 # This machine's cores are shared with the load generator: say how much it took.
                 row.note = f"client used {cpu / row.wall_s:.2f} cores"
