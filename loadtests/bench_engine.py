@@ -157,7 +157,9 @@ async def run_steady(name: str, fn: Callable[[int], Awaitable[list[int]]], indic
     n = len(order)
     lat = [0.0] * n
     results: list[list[int]] = [[] for _ in range(n)]
-    queue = [(None, order[i % n]) for i in range(concurrency)] + [(slot, order[slot]) for slot in range(n)]
+    warm_up = [(None, order[i % n]) for i in range(concurrency)]
+    # Untimed warm-up, the measured requests (slot = their position), then untimed filler forever.
+    queue = itertools.chain(warm_up, ((slot, order[slot]) for slot in range(n)), itertools.repeat((None, order[0])))
     pending = n
     window: list[float] = []
     bar = tqdm(total=n, desc=f"{name} c={concurrency}", unit="req", leave=False)
@@ -165,7 +167,7 @@ async def run_steady(name: str, fn: Callable[[int], Awaitable[list[int]]], indic
     async def worker() -> None:
         nonlocal pending
         while pending:
-            slot, index = queue.pop(0) if queue else (None, order[0])  # filler once the measured ones are out
+            slot, index = next(queue)
             t = time.perf_counter()
             if slot is not None and not window:
                 window.append(t)

@@ -139,20 +139,20 @@ def stack_biases(biases: Sequence[NodeFusion | None] | None, num_nodes: int) -> 
     present = [b for b in biases or () if b is not None]
     if not present:
         return None
-    mixture = {b.model_log_weight is not None for b in present}
-    if len(mixture) > 1:
+    kinds = {b.model_log_weight is not None for b in present}
+    if len(kinds) > 1:
         raise ValueError("one batch cannot mix product and mixture fusion")
-    if mixture == {True}:  # rows without a prior: logaddexp(-inf, 0 + model) = model
-        term, weight = np.full((len(biases), num_nodes), -np.inf), np.zeros(len(biases))  # type: ignore[arg-type]
-        for row, b in enumerate(biases):  # type: ignore[arg-type]
-            if b is not None:
-                term[row], weight[row] = b.term, b.model_log_weight
-        return StackedFusion(term, weight)
-    term = np.zeros((len(biases), num_nodes))  # type: ignore[arg-type]
+    mixture = kinds == {True}
+    rows = len(biases)  # type: ignore[arg-type]
+    # Rows without a prior score by the model alone: a product adds 0, a mixture logaddexp(-inf, 0 + model).
+    term = np.full((rows, num_nodes), -np.inf if mixture else 0.0)
+    weight = np.zeros(rows) if mixture else None
     for row, b in enumerate(biases):  # type: ignore[arg-type]
         if b is not None:
             term[row] = b.term
-    return StackedFusion(term, None)
+            if weight is not None:
+                weight[row] = b.model_log_weight
+    return StackedFusion(term, weight)
 
 
 def beam_widths(ks: Sequence[int], num_beams: Sequence[int | None], default_beams: int) -> list[int]:

@@ -131,27 +131,32 @@ class ProcessEngine(Engine):
         try:
             first = await asyncio.wait_for(_read_frame(reader), self.start_timeout_s)
         except TimeoutError:
-            self._kill()
+            await self._stop(grace_s=0)
             raise EngineUnavailable(f"engine process did not start within {self.start_timeout_s:.0f} s") from None
         if first is None or first[0] != "ready":
-            self._kill()
+            await self._stop(grace_s=0)
             detail = first[1] if first else f"exit code {proc.exitcode}"
             raise EngineUnavailable(f"engine process failed to start: {detail}")
         if first[1] != self.bundle.version:
-            self._kill()
+            await self._stop(grace_s=0)
             raise EngineUnavailable(f"engine process loaded bundle {first[1]}, the gateway {self.bundle.version}")
         self._reader_task = asyncio.create_task(self._read_loop(reader), name="gream-engine-process-reader")
         self._ready = True
         log.info("engine process ready", extra={"pid": proc.pid, "engine": self.settings.engine})
 
-    def _kill(self) -> None:
+    async def _stop(self, grace_s: float) -> None:
+        """Close our end of the socket (the child exits on end of stream), wait `grace_s`, then kill.
+        The joins run off the event loop."""
         if self._writer is not None:
             self._writer.close()
             self._writer = None
-        if self._proc is not None and self._proc.is_alive():
-            self._proc.kill()
-        if self._proc is not None:
-            self._proc.join(timeout=5)
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        await asyncio.to_thread(proc.join, grace_s)
+        if proc.is_alive():
+            proc.kill()
+            await asyncio.to_thread(proc.join, 5)
 
     async def close(self) -> None:
         self._closing = True
@@ -162,15 +167,7 @@ class ProcessEngine(Engine):
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         self._fail_all(EngineUnavailable("engine was shut down"))
-        if self._writer is not None:
-            self._writer.close()  # the child sees end of stream and exits
-            self._writer = None
-        if self._proc is not None:
-            proc, self._proc = self._proc, None
-            await asyncio.to_thread(proc.join, 10)
-            if proc.is_alive():
-                proc.kill()
-                await asyncio.to_thread(proc.join, 5)
+        await self._stop(grace_s=10)
 
     # ------------------------------------------------------------------ calls
     def _send(self, message: tuple[Any, ...]) -> None:
@@ -267,7 +264,7 @@ class ProcessEngine(Engine):
         delay = self.restart_backoff_s
         while not self._closing:
             await asyncio.sleep(delay)
-            self._kill()
+            await self._stop(grace_s=0)
             try:
                 await self._spawn()
                 self.restarts += 1
