@@ -8,7 +8,9 @@ Rows, each at concurrency 1 and 32:
       Llama-family models); concurrency 32 = batches of 32;
   (c) vllm       VLLMEngine (AsyncLLM in-process; 32 requests in flight);
   (d) gateway    the HTTP gateway (`python -m service.cli serve`, uvicorn in a subprocess) in front of the
-                 faster of (b)/(c) at concurrency 32, driven over real sockets.
+                 faster of (b)/(c) at concurrency 32, driven over real sockets by a load generator in a
+                 process of its own (LoadGenerator), measured in time windows (run_window) as wrk and
+                 locust measure: requests completed per second of steady state.
 For each row: requests/s, p50/p99 latency, the ratio of requests/s to (a) at the same concurrency, and
 the fraction of requests whose top-10 items (same items, same order) equal (a)'s.
 
@@ -19,8 +21,8 @@ that catalog, otherwise random histories of the bundle's own items.
 
 All rows use the same dtype (--dtype fp32|bf16). Engines run one after another (never two at once),
 taking turns on `--rounds` slices of the requests, so that this noisy machine's slow minutes are
-shared by all rows; the gateway takes turns the same way with the bare engine it runs, and its
-overhead is read against that paired row.
+shared by all rows; the gateway takes turns the same way with the bare engine it runs (`--window`
+seconds each), and its overhead is read against that paired row.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 
@@ -144,44 +146,60 @@ async def run_async(name: str, fn: Callable[[int], Awaitable[list[int]]], indice
     return Row(name, concurrency, lat, wall, results)
 
 
-async def run_steady(name: str, fn: Callable[[int], Awaitable[list[int]]], indices: Sequence[int],
-                     concurrency: int) -> Row:
-    """Like run_async, but in steady state: `concurrency` untimed requests run before the measured ones
-    and untimed filler requests after them until the last measured one ends, so a batching server sees
-    `concurrency` callers for the whole measured window (a short closed-loop round otherwise ramps up
-    and down, and its partial batches are charged to the server; the bare engine's rows get whole
-    batches by construction)."""
+async def run_window(name: str, fn: Callable[[int], Awaitable[list[Any]]], indices: Sequence[int],
+                     concurrency: int, window_s: float, warm_up_s: float = 0.5, progress: bool = True) -> Row:
+    """A closed loop of `concurrency` callers cycling over the requests `indices` for `warm_up_s` +
+    `window_s`; the row holds the requests that complete inside the window (after the warm-up), as
+    wrk and locust measure. A batching server thus sees `concurrency` callers for the whole window: a
+    fixed set of requests instead ramps up and down, and its partial batches are charged to the
+    server (the bare engine's rows get whole batches by construction). Every request's result is kept
+    (its first answer): callers go on past the window, for the missing ones only, until each has one."""
     from tqdm import tqdm
 
     order = list(indices)
-    n = len(order)
-    lat = [0.0] * n
-    results: list[list[int]] = [[] for _ in range(n)]
-    warm_up = [(None, order[i % n]) for i in range(concurrency)]
-    # Untimed warm-up, the measured requests (slot = their position), then untimed filler forever.
-    queue = itertools.chain(warm_up, ((slot, order[slot]) for slot in range(n)), itertools.repeat((None, order[0])))
-    pending = n
-    window: list[float] = []
-    bar = tqdm(total=n, desc=f"{name} c={concurrency}", unit="req", leave=False)
+    results: dict[int, list[Any]] = {}
+    in_flight: set[int] = set()
+    lat: list[float] = []
+    cycle = itertools.count()
+    started = time.perf_counter()
+    opens, closes = started + warm_up_s, started + warm_up_s + window_s
+    bar = tqdm(total=round(warm_up_s + window_s, 1), desc=f"{name} c={concurrency}", unit="s", leave=False,
+               disable=not progress, bar_format="{desc}: {n:.1f}/{total} s")
+
+    def pick() -> int | None:
+        if time.perf_counter() < closes:
+            return next(cycle) % len(order)
+        missing = [s for s in range(len(order)) if s not in results and s not in in_flight]
+        return missing[0] if missing else None
 
     async def worker() -> None:
-        nonlocal pending
-        while pending:
-            slot, index = next(queue)
+        while (slot := pick()) is not None:
+            in_flight.add(slot)
             t = time.perf_counter()
-            if slot is not None and not window:
-                window.append(t)
-            out = await fn(index)
-            if slot is not None:
-                lat[slot], results[slot] = time.perf_counter() - t, out
-                pending -= 1
-                bar.update(1)
-                if not pending:
-                    window.append(time.perf_counter())
+            out = await fn(order[slot])
+            end = time.perf_counter()
+            in_flight.discard(slot)
+            results.setdefault(slot, out)
+            if opens <= end <= closes:
+                lat.append(end - t)
+            bar.n = round(min(end - started, warm_up_s + window_s), 1)
+            bar.refresh()
 
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     bar.close()
-    return Row(name, concurrency, lat, window[-1] - window[0], results)
+    return Row(name, concurrency, lat, window_s, [results[s] for s in range(len(order))])
+
+
+def run_for(seconds: float, name: str, fn: Callable[[Sequence[str]], list[list[int]]], prompts: Sequence[str],
+            batch: int) -> Row:
+    """run_batches over `prompts` again and again for at least `seconds` (the gateway's paired rounds
+    last as long as its windows); the results are the first pass's, one per prompt."""
+    row = run_batches(name, fn, prompts, batch)
+    while row.wall_s < seconds:
+        again = run_batches(name, fn, prompts, batch)
+        row.latencies_s += again.latencies_s
+        row.wall_s += again.wall_s
+    return row
 
 
 def rounds_of(n: int, rounds: int) -> list[range]:
@@ -286,7 +304,7 @@ async def bench_vllm(bundle: Any, prompts: Sequence[str], dtype: str, concurrenc
 
 async def bench_gateway(bundle_dir: Path, bundle: Any, histories: Sequence[Sequence[int]], engine: str,
                         dtype: str, concurrencies: Sequence[int], ready_timeout_s: float = 600,
-                        extra_env: dict[str, str] | None = None, rounds: int = 1,
+                        extra_env: dict[str, str] | None = None, rounds: int = 1, window_s: float = 3.0,
                         paired: tuple[str, Callable[[Sequence[str]], list[list[int]]], Sequence[str]] | None = None
                         ) -> list[Row]:
     """The gateway's rows; with `paired` (name, bare engine, prompts) also that engine's rows measured
@@ -319,34 +337,28 @@ async def bench_gateway(bundle_dir: Path, bundle: Any, histories: Sequence[Seque
                 if time.monotonic() > deadline:
                     raise RuntimeError("gateway did not become ready in time")
                 await asyncio.sleep(1.0)
-            bodies = [json.dumps({"history": [bundle.items[i].item_id for i in h], "k": K, "exclude_seen": False}
-                                 ).encode() for h in histories]
-            lean = KeepAliveClient("127.0.0.1", port)
-
-            async def one(i: int) -> list[int]:
-                data = await lean.post("/v1/recommendations", bodies[i])
-                return [bundle.index_of[it["item_id"]] for it in json.loads(data)["items"]]
-
-            for _ in range(2):
-                await asyncio.gather(*(one(i) for i in range(min(8, len(bodies)))))
-            for c in concurrencies:
-                where = " (child process)" if env.get("GREAM_ENGINE_PROCESS", "").lower() in ("1", "true") else ""
-                row = Row(f"gateway: HTTP -> {engine}{where}", c, [], 0.0)
-                bare = Row(f"{paired[0]}, taking turns with the gateway", c, [], 0.0) if paired else None
-                before, cpu = await batch_totals(client), 0.0
-                for part in rounds_of(len(bodies), rounds):
-                    if paired is not None and bare is not None:
-                        bare.add(run_batches(bare.engine, paired[1], [paired[2][i] for i in part], c))
-                    t_cpu = time.process_time()
-                    row.add(await run_steady(row.engine, one, part, c))
-                    cpu += time.process_time() - t_cpu
-                # This machine's cores are shared with the load generator: say how much it took.
-                row.note = f"client used {cpu / row.wall_s:.2f} cores"
-                after = await batch_totals(client)
-                if after[1] > before[1]:
-                    row.note += f", mean engine batch {(after[0] - before[0]) / (after[1] - before[1]):.1f}"
-                rows += [r for r in (bare, row) if r is not None]
-            await lean.close()
+            bodies = [json.dumps({"history": [bundle.items[i].item_id for i in h], "k": K, "exclude_seen": False})
+                      for h in histories]
+            with LoadGenerator(port, bodies) as loadgen:
+                loadgen.run(range(min(8, len(bodies))), 8, 0.5)  # warm-up
+                for c in concurrencies:
+                    where = " (child process)" if env.get("GREAM_ENGINE_PROCESS", "").lower() in ("1", "true") else ""
+                    row = Row(f"gateway: HTTP -> {engine}{where}", c, [], 0.0)
+                    bare = Row(f"{paired[0]}, taking turns with the gateway", c, [], 0.0) if paired else None
+                    before, cpu = await batch_totals(client), 0.0
+                    for part in rounds_of(len(bodies), rounds):
+                        if paired is not None and bare is not None:
+                            bare.add(run_for(window_s, bare.engine, paired[1], [paired[2][i] for i in part], c))
+                        measured, cpu_s = loadgen.run(part, c, window_s)
+                        measured.results = [[bundle.index_of[i] for i in items] for items in measured.results]
+                        row.add(measured)
+                        cpu += cpu_s
+                    # This machine's cores are shared with the load generator: say how much it took.
+                    row.note = f"client used {cpu / row.wall_s:.2f} cores"
+                    after = await batch_totals(client)
+                    if after[1] > before[1]:
+                        row.note += f", mean engine batch {(after[0] - before[0]) / (after[1] - before[1]):.1f}"
+                    rows += [r for r in (bare, row) if r is not None]
     finally:
         proc.terminate()
         try:
@@ -356,6 +368,76 @@ async def bench_gateway(bundle_dir: Path, bundle: Any, histories: Sequence[Seque
             proc.wait()
         log_file.close()
     return rows
+
+
+class LoadGenerator:
+    """The gateway rows' client, in a process of its own (`bench_engine.py --loadgen PORT`), so that it
+    shares neither an interpreter nor a GIL with the paired engine. One process for all rounds
+    (connections stay open); it is told each round's requests, concurrency and window on stdin and
+    answers with the round (latencies, item ids, its own CPU time) as one JSON line on stdout."""
+
+    def __init__(self, port: int, bodies: Sequence[str]):
+        self.proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--loadgen", str(port)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=str(ROOT))
+        self._send({"bodies": list(bodies)})
+
+    def _send(self, message: dict[str, Any]) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps(message) + "\n")
+        self.proc.stdin.flush()
+
+    def run(self, indices: Sequence[int], concurrency: int, window_s: float, warm_up_s: float = 0.5
+            ) -> tuple[Row, float]:
+        """One round (run_window) over the requests `indices`; the row and the client's CPU seconds."""
+        assert self.proc.stdout is not None
+        self._send({"indices": list(indices), "concurrency": concurrency, "window_s": window_s,
+                    "warm_up_s": warm_up_s})
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"load generator exited with {self.proc.wait()}")
+        out = json.loads(line)
+        if "error" in out:
+            raise RuntimeError(f"load generator: {out['error']}")
+        return Row("gateway", concurrency, out["latencies_s"], out["wall_s"], out["results"]), out["cpu_s"]
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc.poll() is None:
+            self._send({"quit": True})
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+def loadgen_main(port: int) -> int:
+    """The load generator process (see LoadGenerator): rounds on request, until told to quit."""
+    bodies = [b.encode() for b in json.loads(sys.stdin.readline())["bodies"]]
+    loop = asyncio.new_event_loop()
+    client = KeepAliveClient("127.0.0.1", port)
+
+    async def one(i: int) -> list[str]:
+        return [it["item_id"] for it in json.loads(await client.post("/v1/recommendations", bodies[i]))["items"]]
+
+    for line in sys.stdin:
+        message = json.loads(line)
+        if message.get("quit"):
+            break
+        try:
+            t_cpu = time.process_time()
+            row = loop.run_until_complete(run_window("gateway", one, message["indices"], message["concurrency"],
+                                                     message["window_s"], message["warm_up_s"], progress=False))
+            reply = {"latencies_s": row.latencies_s, "wall_s": row.wall_s, "results": row.results,
+                     "cpu_s": time.process_time() - t_cpu}
+        except Exception as exc:  # noqa: BLE001 (reported to the benchmark, which raises it)
+            reply = {"error": f"{type(exc).__name__}: {exc}"}
+        sys.stdout.write(json.dumps(reply) + "\n")
+        sys.stdout.flush()
+    loop.run_until_complete(client.close())
+    loop.close()
+    return 0
 
 
 class KeepAliveClient:
@@ -444,13 +526,25 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="a setting for the gateway process (repeatable), e.g. GREAM_TORCH_THREADS=1")
     parser.add_argument("--rounds", type=int, default=4,
                         help="engines take turns on this many slices of the requests (this machine is noisy)")
+    parser.add_argument("--window", type=float, default=3.0,
+                        help="seconds of each gateway round (after 0.5 s of warm-up), and of its paired bare round")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads of every engine, the gateway's included (default: torch's choice, "
+                             "all cores); fewer than the cores leaves the gateway's HTTP loop a core of its own")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--loadgen", type=int, default=None, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.loadgen is not None:
+        return loadgen_main(args.loadgen)
 
     import torch
 
     from model_store.bundle import load_bundle
     from model_store.tokens import direct_prompt
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        args.gateway_env.append(f"GREAM_TORCH_THREADS={args.threads}")
 
     engines = {e.strip() for e in args.engines.split(",") if e.strip()}
     concurrencies = [int(c) for c in args.concurrency.split(",")]
@@ -512,7 +606,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         extra_env = dict(kv.split("=", 1) for kv in args.gateway_env)
         paired = (*default_decoder, prompts) if default_decoder and gateway_engine == "transformers" else None
         rows += asyncio.run(bench_gateway(bundle_dir, bundle, histories, gateway_engine, args.dtype, concurrencies,
-                                          extra_env=extra_env, rounds=args.rounds, paired=paired))
+                                          extra_env=extra_env, rounds=args.rounds, window_s=args.window,
+                                          paired=paired))
 
     print()
     print(table(rows, refs))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import gc
 import json
 import logging
 import re
@@ -264,6 +265,11 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None,
                                                 drop_chunk=settings.history_drop_chunk, metrics=metrics,
                                                 use_prior=settings.use_prior)
             metrics.info.labels(bundle.version, eng.name).set(1)
+            # The catalog, trie, tokenizer and model are long-lived objects (427k for the amazon bundle,
+            # whose full collection took 224 ms): out of the collector's reach, a full collection no
+            # longer stalls a whole batch of requests (it was the p99 at concurrency 32, 5x the p50).
+            gc.collect()
+            gc.freeze()
             app.state.starting = False
             log.info("gateway ready", extra={"model_version": bundle.version, "engine": eng.name,
                                              "history_store": store.kind, "auth": settings.auth_enabled})

@@ -76,8 +76,10 @@ class Settings(BaseSettings):
                                               "the beam scores; no effect for bundles without one")
     queue_max: int = Field(256, ge=1)
     max_batch: int = Field(32, ge=1)
-    batch_wait_ms: float = Field(10.0, ge=0, description="longest wait for a batch to fill to the size of the "
-                                                         "last one (a lone caller never waits)")
+    batch_wait_ms: float = Field(10.0, ge=0, description="longest wait for the next request while a batch is "
+                                                         "short of the size of recent ones (a lone caller never "
+                                                         "waits)")
+    batch_wait_max_ms: float = Field(50.0, ge=0, description="longest wait for a batch to fill, in all")
     max_concurrent_reasoning: int = Field(16, ge=1)
     reasoning_temperature: float = Field(0.0, ge=0, description="0 = greedy")
     torch_threads: int | None = Field(None, ge=1)

@@ -11,8 +11,8 @@ from service.config import Settings
 from service.engine.base import Engine
 
 # Settings every local engine may take as keyword arguments (each engine takes what it knows).
-ENGINE_SETTINGS = ("default_beams", "queue_max", "max_batch", "batch_wait_ms", "torch_threads", "dtype",
-                   "max_concurrent_reasoning", "reasoning_temperature")
+ENGINE_SETTINGS = ("default_beams", "queue_max", "max_batch", "batch_wait_ms", "batch_wait_max_ms", "torch_threads",
+                   "dtype", "max_concurrent_reasoning", "reasoning_temperature")
 
 
 def engine_kwargs(settings: Settings, engine_cls: type) -> dict[str, Any]:

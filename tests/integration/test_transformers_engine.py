@@ -78,3 +78,31 @@ async def test_close_fails_waiting_callers_instead_of_hanging(gw_bundle: Any) ->
     assert any(isinstance(r, EngineUnavailable) for r in done)
     with pytest.raises(EngineUnavailable):
         await engine.recommend(request(gw_bundle, (1,), "after"))
+
+
+async def test_batches_wait_for_callers_while_they_keep_arriving(gw_bundle: Any) -> None:
+    """Callers of one round that trickle in (as a gateway's loop answers and reads them one by one) are
+    batched together as long as each arrives within `batch_wait_ms` of the previous one, even when
+    the round spreads beyond it; a caller after a longer gap does not hold the batch."""
+    from service.engine.transformers_engine import TransformersEngine
+
+    engine = TransformersEngine(gw_bundle, max_batch=8, batch_wait_ms=60, batch_wait_max_ms=2000, torch_threads=1)
+    await engine.start()
+    sizes: list[int] = []
+    engine.on_batch = sizes.append
+
+    async def after(delay_s: float, n: int) -> Any:
+        await asyncio.sleep(delay_s)
+        return await engine.recommend(request(gw_bundle, (n, n + 1), f"w{n}"))
+
+    try:
+        await asyncio.gather(*(after(0, n) for n in range(6)))  # a round of 6: the size the batcher expects
+        sizes.clear()
+        # 6 arrivals 20 ms apart: 100 ms from first to last, more than the 60 ms allowed between two.
+        await asyncio.gather(*(after(0.02 * n, n) for n in range(6)))
+        assert sizes == [6]
+        sizes.clear()
+        await asyncio.gather(*(after(0.0 if n < 5 else 0.5, n) for n in range(6)))
+        assert sizes == [5, 1]
+    finally:
+        await engine.close()

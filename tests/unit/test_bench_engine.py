@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
+
+import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "loadtests"))
 
-from bench_engine import rounds_of, run_interleaved, run_steady
+from bench_engine import rounds_of, run_for, run_interleaved, run_window
 
 
 def test_rounds_cover_every_request_once() -> None:
@@ -34,30 +37,54 @@ def test_engines_take_turns_and_keep_request_order() -> None:
         assert len(row.latencies_s) == len(prompts) and row.wall_s > 0
 
 
-def test_steady_runs_keep_the_server_at_full_concurrency() -> None:
-    """Every measured request comes back with its own result, and the server sees `concurrency`
-    callers until the last measured one ends (warm-up before, filler after): no ramp-down, which a
-    plain closed-loop run has in its last requests."""
+def test_window_runs_keep_the_server_at_full_concurrency() -> None:
+    """Requests that complete inside the window are the row; callers cycle over the requests, so the
+    server sees `concurrency` of them for the whole window (no ramp-down, which a fixed set of
+    requests has at its end), and every request's own result comes back once, in order."""
     import asyncio
 
     from bench_engine import run_async
 
-    def run(runner: object) -> tuple[object, list[int]]:
+    def run(runner: object, *extra: float) -> tuple[object, list[int], list[float]]:
         in_flight: list[int] = []
         at_completion: list[int] = []
+        ends: list[float] = []
 
         async def fn(i: int) -> list[int]:
             in_flight.append(i)
-            await asyncio.sleep(0.001 * (1 + i % 3))
+            await asyncio.sleep(0.002 * (1 + i % 3))
             at_completion.append(len(in_flight))
+            ends.append(time.perf_counter())
             in_flight.remove(i)
             return [i, i + 1]
 
-        return asyncio.run(runner("fake", fn, range(10, 30), 4)), at_completion  # type: ignore[operator]
+        t0 = time.perf_counter()
+        row = asyncio.run(runner("fake", fn, range(10, 30), 4, *extra))  # type: ignore[operator]
+        return row, at_completion, [e - t0 for e in ends]
 
-    row, seen = run(run_steady)
+    row, seen, ends = run(run_window, 0.3, 0.1)
     assert row.results == [[i, i + 1] for i in range(10, 30)]  # type: ignore[attr-defined]
-    assert len(row.latencies_s) == 20 and all(t > 0 for t in row.latencies_s) and row.wall_s > 0  # type: ignore[attr-defined]
-    assert seen[:20] == [4] * 20
-    _, plain = run(run_async)
-    assert plain[-3:] == [3, 2, 1]  # what the steady run avoids
+    assert row.wall_s == 0.3  # type: ignore[attr-defined]
+    in_window = [e for e in ends if 0.1 <= e <= 0.4]
+    assert len(row.latencies_s) == pytest.approx(len(in_window), abs=4)  # type: ignore[attr-defined]
+    assert all(0 < t < 0.1 for t in row.latencies_s)  # type: ignore[attr-defined]
+    # 4 callers, 2-6 ms each (mean 4 ms): about 1000 requests/s, whatever the request count.
+    assert 500 < row.rps < 1100  # type: ignore[attr-defined]
+    window_seen = [n for n, e in zip(seen, ends, strict=True) if 0.1 <= e <= 0.4]
+    assert set(window_seen) == {4}
+    _, plain, _ = run(run_async)
+    assert plain[-3:] == [3, 2, 1]  # what the window run avoids
+
+
+def test_paired_rounds_last_as_long_as_the_window() -> None:
+    calls: list[int] = []
+
+    def slow(chunk):  # type: ignore[no-untyped-def]
+        calls.append(len(chunk))
+        time.sleep(0.01)
+        return [[len(p)] for p in chunk]
+
+    row = run_for(0.05, "bare", slow, ["a", "bb", "ccc"], 2)
+    assert row.wall_s >= 0.05 and len(calls) >= 6 and len(calls) % 2 == 0  # whole passes of 2 batches
+    assert row.results == [[1], [2], [3]]  # the first pass's, one per prompt
+    assert len(row.latencies_s) == 3 * len(calls) // 2
