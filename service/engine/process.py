@@ -313,6 +313,9 @@ class _ChildServer:
             self.send(("failed", f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=3)}"))
             await self.writer.drain()
             return
+        from service.app import freeze_heap
+
+        freeze_heap()
         self.engine = engine
         self.send(("ready", bundle.version))
         ticker = asyncio.create_task(self._push_stats())

@@ -47,6 +47,9 @@ async def test_health_ready_metrics_docs(make_client: Any) -> None:
         body = ready.json()
         assert body["status"] == "ready" and body["engine_ready"] and body["bundle_loaded"]
         assert body["history_store"] == "redis" and body["history_store_state"] == "up"
+        import gc
+
+        assert gc.get_freeze_count() > 0  # the start-up heap is out of the collector's reach (freeze_heap)
         await client.post("/v1/recommendations", json={"history": ids(1, 2), "k": 3})
         metrics = await client.get("/metrics")
         assert metrics.status_code == 200 and metrics.headers["content-type"].startswith("text/plain")
