@@ -304,9 +304,8 @@ class TransformersEngine(Engine):
     async def _wait_for_jobs(self, batch: list[_TopkJob], expected: int, started: float) -> None:
         """Gather jobs until the batch holds `expected`, or none has arrived for `batch_wait_s`, or
         `batch_wait_max_s` has passed since `started`. The wait is counted from the last arrival, not
-        from the first: a fixed deadline cut rounds whose callers trickle in, and the callers cut off
-        waited a whole forward pass for the next, small batch (p99 at 5x p50 at concurrency 32).
-        _submit wakes us on an arrival, instead of the loop polling the queue every few hundred us
+        from the first, so a round whose callers trickle in is not cut (those cut off would wait a whole
+        forward pass for the next, small batch). _submit wakes us on an arrival, instead of the loop polling the queue every few hundred us
         (each wake-up takes the GIL from the engine thread)."""
         assert self._queue is not None
         self._drain(batch)
