@@ -107,6 +107,7 @@ class TransformersEngine(Engine):
         self.batch_wait_s = batch_wait_ms / 1000.0
         self.batch_wait_max_s = max(batch_wait_ms, batch_wait_max_ms) / 1000.0
         self._recent_batch_sizes: collections.deque[int] = collections.deque(maxlen=8)
+        self._last_batch_end = 0.0  # perf_counter() when the last batch was answered
         self.torch_threads = torch_threads
         self.dtype = DTYPES[dtype]
         self.max_concurrent_reasoning = max_concurrent_reasoning
@@ -271,6 +272,10 @@ class TransformersEngine(Engine):
             # forward pass per round instead of splitting it (the max, not the last size, so a split
             # round does not teach the batcher to keep splitting).
             expected = min(self.max_batch, max(self._recent_batch_sizes, default=1))
+            if time.perf_counter() - self._last_batch_end > self.batch_wait_max_s:
+                # The engine sat idle: this is not a round's caller coming back, so nobody is
+                # expected to follow (a lone request after a burst would otherwise wait for no one).
+                expected = 1
             if len(batch) < expected:
                 await self._wait_for_jobs(batch, expected, time.perf_counter())
             batch = [job for job in batch if not job.future.done()]
@@ -300,6 +305,7 @@ class TransformersEngine(Engine):
             for job, items in zip(batch, results):
                 if not job.future.done():
                     job.future.set_result(items)
+            self._last_batch_end = time.perf_counter()
 
     async def _wait_for_jobs(self, batch: list[_TopkJob], expected: int, started: float) -> None:
         """Gather jobs until the batch holds `expected`, or none has arrived for `batch_wait_s`, or

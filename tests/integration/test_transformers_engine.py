@@ -106,3 +106,22 @@ async def test_batches_wait_for_callers_while_they_keep_arriving(gw_bundle: Any)
         assert sizes == [5, 1]
     finally:
         await engine.close()
+
+
+async def test_a_lone_request_after_idle_does_not_wait_for_a_past_burst(gw_bundle: Any) -> None:
+    """Recent batch sizes say how many callers a round brings back; once the engine has sat idle
+    longer than a batch may wait, a new request is no returning caller and goes at once."""
+    import time
+
+    from service.engine.transformers_engine import TransformersEngine
+
+    engine = TransformersEngine(gw_bundle, max_batch=8, batch_wait_ms=400, batch_wait_max_ms=500, torch_threads=1)
+    await engine.start()
+    try:
+        await asyncio.gather(*(engine.recommend(request(gw_bundle, (n, n + 1), f"burst{n}")) for n in range(6)))
+        await asyncio.sleep(0.6)  # idle for longer than batch_wait_max_ms
+        t = time.perf_counter()
+        await engine.recommend(request(gw_bundle, (1, 2), "lone"))
+        assert time.perf_counter() - t < 0.3  # it did not wait 400 ms for five callers that never come
+    finally:
+        await engine.close()
