@@ -197,8 +197,8 @@ def run_for(seconds: float, name: str, fn: Callable[[Sequence[str]], list[list[i
     row = run_batches(name, fn, prompts, batch)
     while row.wall_s < seconds:
         again = run_batches(name, fn, prompts, batch)
-        row.latencies_s += again.latencies_s
-        row.wall_s += again.wall_s
+        again.results = []
+        row.add(again)
     return row
 
 
@@ -339,10 +339,10 @@ async def bench_gateway(bundle_dir: Path, bundle: Any, histories: Sequence[Seque
                 await asyncio.sleep(1.0)
             bodies = [json.dumps({"history": [bundle.items[i].item_id for i in h], "k": K, "exclude_seen": False})
                       for h in histories]
+            where = " (child process)" if env.get("GREAM_ENGINE_PROCESS", "").lower() in ("1", "true") else ""
             with LoadGenerator(port, bodies) as loadgen:
                 loadgen.run(range(min(8, len(bodies))), 8, 0.5)  # warm-up
                 for c in concurrencies:
-                    where = " (child process)" if env.get("GREAM_ENGINE_PROCESS", "").lower() in ("1", "true") else ""
                     row = Row(f"gateway: HTTP -> {engine}{where}", c, [], 0.0)
                     bare = Row(f"{paired[0]}, taking turns with the gateway", c, [], 0.0) if paired else None
                     before, cpu = await batch_totals(client), 0.0

@@ -122,8 +122,7 @@ class TransformersEngine(Engine):
         self._inflight: list[_TopkJob] = []
         self._reasoning_active = 0
         self._batch_seconds = 0.05  # running estimate, for Retry-After
-        self._arrivals = asyncio.Event()  # set by _submit once `_want` jobs are queued (the batcher waits)
-        self._want = 0
+        self._arrivals = asyncio.Event()  # set by _submit on every arrival; the batcher clears it to wait
         self.counters = collections.Counter[str]()
         self.recent_reasoning: collections.deque[ReasoningRecord] = collections.deque(maxlen=256)
         # Set in start(), on the worker thread.
@@ -254,8 +253,7 @@ class TransformersEngine(Engine):
             self.counters["rejected_queue_full"] += 1
             raise EngineOverloaded(f"engine queue is full ({self.queue_max} waiting)",
                                    retry_after=self._retry_after()) from None
-        if self._want and self._queue.qsize() >= self._want:
-            self._arrivals.set()
+        self._arrivals.set()
         # If our caller is cancelled, the future is cancelled too and the batcher skips the job.
         return await job.future
 
@@ -277,7 +275,7 @@ class TransformersEngine(Engine):
                 # expected to follow (a lone request after a burst would otherwise wait for no one).
                 expected = 1
             if len(batch) < expected:
-                await self._wait_for_jobs(batch, expected, time.perf_counter())
+                await self._wait_for_jobs(batch, expected)
             batch = [job for job in batch if not job.future.done()]
             if not batch:
                 continue
@@ -307,28 +305,25 @@ class TransformersEngine(Engine):
                     job.future.set_result(items)
             self._last_batch_end = time.perf_counter()
 
-    async def _wait_for_jobs(self, batch: list[_TopkJob], expected: int, started: float) -> None:
+    async def _wait_for_jobs(self, batch: list[_TopkJob], expected: int) -> None:
         """Gather jobs until the batch holds `expected`, or none has arrived for `batch_wait_s`, or
-        `batch_wait_max_s` has passed since `started`. The wait is counted from the last arrival, not
-        from the first, so a round whose callers trickle in is not cut (those cut off would wait a whole
-        forward pass for the next, small batch). _submit wakes us on an arrival, instead of the loop polling the queue every few hundred us
-        (each wake-up takes the GIL from the engine thread)."""
+        `batch_wait_max_s` has passed. The wait is counted from the last arrival, not from the first,
+        so a round whose callers trickle in is not cut (those cut off would wait a whole forward pass
+        for the next, small batch). _submit wakes us on an arrival, instead of the loop polling the
+        queue every few hundred us (each wake-up takes the GIL from the engine thread)."""
         assert self._queue is not None
         self._drain(batch)
-        cap, last_arrival = started + self.batch_wait_max_s, time.perf_counter()
+        last_arrival = time.perf_counter()
+        cap = last_arrival + self.batch_wait_max_s
         while len(batch) < expected:
-            now = time.perf_counter()
-            left = min(cap, last_arrival + self.batch_wait_s) - now
+            left = min(cap, last_arrival + self.batch_wait_s) - time.perf_counter()
             if left <= 0:
                 break
-            self._want = 1
-            self._arrivals.clear()
+            self._arrivals.clear()  # no await since the last drain: nothing can have arrived unseen
             try:
                 await asyncio.wait_for(self._arrivals.wait(), left)
             except TimeoutError:
                 pass
-            finally:
-                self._want = 0
             before = len(batch)
             self._drain(batch)
             if len(batch) > before:
