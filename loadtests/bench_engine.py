@@ -357,7 +357,11 @@ async def bench_gateway(bundle_dir: Path, bundle: Any, histories: Sequence[Seque
                     row.note = f"client used {cpu / row.wall_s:.2f} cores"
                     after = await batch_totals(client)
                     if after[1] > before[1]:
-                        row.note += f", mean engine batch {(after[0] - before[0]) / (after[1] - before[1]):.1f}"
+                        served, batches, busy = (a - b for a, b in zip(after, before, strict=True))
+                        # Busy seconds per request times requests/s: the share of the time the engine
+                        # was decoding (what is left is time it waited for the HTTP side).
+                        row.note += (f", mean engine batch {served / batches:.1f}, engine busy "
+                                     f"{busy / served * row.rps:.0%} ({1000 * busy / served:.2f} ms/request)")
                     rows += [r for r in (bare, row) if r is not None]
     finally:
         proc.terminate()
@@ -481,11 +485,12 @@ class KeepAliveClient:
         self._idle.clear()
 
 
-async def batch_totals(client: Any) -> tuple[float, float]:
-    """(requests, batches) the gateway's engine has run so far, from its Prometheus histogram."""
+async def batch_totals(client: Any) -> tuple[float, float, float]:
+    """(requests, batches, busy seconds) of the gateway's engine so far, from its Prometheus metrics."""
     text = (await client.get("/metrics")).text
     values = dict(re.findall(r"^gream_engine_batch_size_(sum|count) (\S+)$", text, flags=re.MULTILINE))
-    return float(values.get("sum", 0)), float(values.get("count", 0))
+    busy = re.search(r"^gream_engine_busy_seconds_total (\S+)$", text, flags=re.MULTILINE)
+    return float(values.get("sum", 0)), float(values.get("count", 0)), float(busy.group(1)) if busy else 0.0
 
 
 # ------------------------------------------------------------------------------------------ report

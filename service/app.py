@@ -265,7 +265,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None,
         app.state.history = store
         eng = engine or create_engine(settings, bundle)
         if getattr(eng, "on_batch", False) is None:
-            eng.on_batch = metrics.engine_batch_size.observe  # type: ignore[attr-defined]
+            eng.on_batch = metrics.observe_batch  # type: ignore[attr-defined]
         metrics.bind_engine_stats(eng.stats)
         try:
             if not eng.ready:

@@ -38,6 +38,9 @@ class Metrics:
         self.engine_running = Gauge("gream_engine_running", "requests the engine is working on", registry=r)
         self.engine_batch_size = Histogram("gream_engine_batch_size", "requests per engine batch",
                                            buckets=BATCH_BUCKETS, registry=r)
+        # Seconds the engine spent on batches; its rate is the engine's utilisation (1 = never idle).
+        self.engine_busy = Counter("gream_engine_busy_seconds_total", "seconds the engine spent running batches",
+                                   registry=r)
         self.engine_rejected = Counter("gream_engine_rejected_total",
                                        "requests refused by the engine", ["reason"], registry=r)
         self.items_returned = Histogram("gream_items_returned", "items per recommendation response",
@@ -49,6 +52,11 @@ class Metrics:
                                           "streams the client abandoned before the end", registry=r)
         self.info = Gauge("gream_build_info", "bundle and engine being served",
                           ["model_version", "engine"], registry=r)
+
+    def observe_batch(self, size: int, seconds: float) -> None:
+        """The engines' batch hook: one batch of `size` requests that took `seconds`."""
+        self.engine_batch_size.observe(size)
+        self.engine_busy.inc(seconds)
 
     def bind_engine_stats(self, stats: Callable[[], object]) -> None:
         """Read queue depth and running count from the engine at scrape time."""

@@ -89,7 +89,7 @@ class ProcessEngine(Engine):
         self.name = f"{settings.engine}-process"
         self.start_timeout_s = start_timeout_s
         self.restart_backoff_s = restart_backoff_s
-        self.on_batch: Callable[[int], None] | None = None  # metrics hook, as the in-process engines have
+        self.on_batch: Callable[[int, float], None] | None = None  # metrics hook, as the in-process engines have
         self.restarts = 0
         self._proc: Any = None
         self._writer: asyncio.StreamWriter | None = None
@@ -238,7 +238,7 @@ class ProcessEngine(Engine):
                     queue.put_nowait(message)
             elif kind == "batch":
                 if self.on_batch is not None:
-                    self.on_batch(message[1])
+                    self.on_batch(message[1], message[2])
             elif kind == "stats":
                 self._stats = EngineStats(queue_depth=message[1], running=message[2], extra=message[3])
         self._ready = False
@@ -307,7 +307,7 @@ class _ChildServer:
             bundle = await asyncio.to_thread(load_bundle, self.bundle_dir)
             engine = create_local_engine(self.settings, bundle)
             await engine.start()
-            engine.on_batch = lambda size: self.send(("batch", size))  # type: ignore[attr-defined]  # not warm-up's
+            engine.on_batch = lambda size, seconds: self.send(("batch", size, seconds))  # type: ignore[attr-defined]  # not warm-up's
         except Exception as exc:  # report why, then exit: the gateway decides what to do
             log.exception("engine process failed to start")
             self.send(("failed", f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=3)}"))

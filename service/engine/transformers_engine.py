@@ -112,7 +112,8 @@ class TransformersEngine(Engine):
         self.dtype = DTYPES[dtype]
         self.max_concurrent_reasoning = max_concurrent_reasoning
         self.temperature = reasoning_temperature
-        self.on_batch: Callable[[int], None] | None = None  # metrics hook: called with each batch size
+        # Metrics hook: called with each batch's size and the seconds the engine spent on it.
+        self.on_batch: Callable[[int, float], None] | None = None
         self._seed = seed
         self._executor: ThreadPoolExecutor | None = None
         self._queue: asyncio.Queue[_TopkJob] | None = None
@@ -299,7 +300,7 @@ class TransformersEngine(Engine):
             self.counters["batches"] += 1
             self.counters["batched_requests"] += len(batch)
             if self.on_batch is not None:
-                self.on_batch(len(batch))
+                self.on_batch(len(batch), elapsed)
             for job, items in zip(batch, results):
                 if not job.future.done():
                     job.future.set_result(items)

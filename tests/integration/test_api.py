@@ -58,6 +58,8 @@ async def test_health_ready_metrics_docs(make_client: Any) -> None:
         for name in ("gream_http_request_duration_seconds_bucket", "gream_engine_queue_depth",
                      "gream_engine_batch_size_bucket", "gream_items_returned_bucket", "gream_build_info"):
             assert name in text
+        busy = re.search(r"^gream_engine_busy_seconds_total (\S+)$", text, flags=re.MULTILINE)
+        assert busy is not None and float(busy.group(1)) > 0  # the request's batch was timed
         docs = await client.get("/openapi.json")
         paths = docs.json()["paths"]
         for path in ("/v1/recommendations", "/v1/recommendations/stream", "/v1/users/{user_id}/events",

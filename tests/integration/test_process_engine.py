@@ -37,7 +37,7 @@ def _request(bundle: Any, rid: str, history: tuple[int, ...], k: int = 6, **kw: 
 async def proc_engine(gateway_settings: Any, gw_bundle: Any) -> AsyncIterator[ProcessEngine]:
     engine = ProcessEngine(gateway_settings(**ENGINE_SETTINGS, engine_process=True), gw_bundle, restart_backoff_s=0.1)
     batches: list[int] = []
-    engine.on_batch = batches.append
+    engine.on_batch = lambda size, seconds: batches.append(size)
     engine.batches = batches  # type: ignore[attr-defined]
     await engine.start()
     yield engine

@@ -23,13 +23,15 @@ async def test_concurrent_requests_are_batched_with_identical_answers(gw_engine:
     histories = [(i, i + 1, i + 2) for i in range(0, 48, 3)]
     alone = [await gw_engine.recommend(request(gw_bundle, h, f"a{n}")) for n, h in enumerate(histories)]
     sizes: list[int] = []
-    gw_engine.on_batch, previous = sizes.append, gw_engine.on_batch
+    seconds: list[float] = []
+    gw_engine.on_batch, previous = (lambda n, s: (sizes.append(n), seconds.append(s))), gw_engine.on_batch
     try:
         together = await asyncio.gather(*[gw_engine.recommend(request(gw_bundle, h, f"b{n}"))
                                           for n, h in enumerate(histories)])
     finally:
         gw_engine.on_batch = previous
     assert max(sizes) > 1 and sum(sizes) == len(histories)
+    assert len(seconds) == len(sizes) and all(s > 0 for s in seconds)  # each batch's own time
     for one, batched in zip(alone, together):
         assert [i.index for i in one] == [i.index for i in batched]
         assert np.allclose([i.score for i in one], [i.score for i in batched], atol=1e-4)
@@ -89,7 +91,7 @@ async def test_batches_wait_for_callers_while_they_keep_arriving(gw_bundle: Any)
     engine = TransformersEngine(gw_bundle, max_batch=8, batch_wait_ms=60, batch_wait_max_ms=2000, torch_threads=1)
     await engine.start()
     sizes: list[int] = []
-    engine.on_batch = sizes.append
+    engine.on_batch = lambda size, seconds: sizes.append(size)
 
     async def after(delay_s: float, n: int) -> Any:
         await asyncio.sleep(delay_s)
