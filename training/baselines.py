@@ -92,7 +92,11 @@ class SASRec:
     """SASRec (Kang & McAuley 2018) as in ../shared/data/README.md: item and position embeddings, 2
     causal self-attention blocks of width 64, next-item prediction at every position with a full
     softmax over the catalog (3.7k items: cheaper and stronger than sampled negatives). The number
-    of epochs is chosen on valid rows (`tune`), then the model is retrained on all of train."""
+    of epochs is chosen on valid rows (`tune`), then the model is retrained on all of train.
+
+    Measured on amazon-industrial valid rows (train cut before them): padded keys masked, learning
+    rate 6e-3 and positions up to the longest sequence (22 here) raised NDCG@10 from 0.053 (no key
+    mask, 1e-3, 50 positions) to 0.082; with 26 batches an epoch, the step count is what limits it."""
 
     def __init__(self, items: Sequence[str], dim: int = 64, blocks: int = 2, heads: int = 2, max_len: int = 50,
                  dropout: float = 0.2, seed: int = 0):
@@ -111,7 +115,7 @@ class SASRec:
                 out[row, length - len(ids):] = torch.tensor(ids)
         return out
 
-    def fit(self, train: dict[str, list[str]], epochs: int, batch_size: int = 128, lr: float = 1e-3,
+    def fit(self, train: dict[str, list[str]], epochs: int, batch_size: int = 128, lr: float = 6e-3,
             on_epoch: Any = None) -> SASRec:
         """Train for `epochs`; `on_epoch(epoch)` is called after each and stops training by returning True."""
         seqs = self._encode([s[-(self.max_len + 1):] for s in train.values() if len(s) > 1], self.max_len + 1)
@@ -144,10 +148,11 @@ class SASRec:
 
     @classmethod
     def tune(cls, cut_train: dict[str, list[str]], valid: Sequence[EvalRow], items: Sequence[str],
-             max_epochs: int = 60, every: int = 5, k: int = 10, patience: int = 2) -> tuple[int, float]:
+             max_epochs: int = 100, every: int = 5, k: int = 10, patience: int = 2,
+             max_len: int = 50) -> tuple[int, float]:
         """The epoch count (a multiple of `every`) with the best valid NDCG@k, and that NDCG; stops after
         `patience` checks without improvement."""
-        model = cls(items)
+        model = cls(items, max_len=max_len)
         targets = [r.target for r in valid]
         scores: dict[int, float] = {}
 
@@ -169,6 +174,7 @@ class _SASRecNet(nn.Module):
     def __init__(self, n_items: int, dim: int, blocks: int, heads: int, max_len: int, dropout: float):
         super().__init__()
         self.dim = dim
+        self.heads = heads
         self.item = nn.Embedding(n_items, dim, padding_idx=0)
         self.pos = nn.Embedding(max_len, dim)
         layer = nn.TransformerEncoderLayer(dim, heads, dim_feedforward=dim, dropout=dropout, batch_first=True,
@@ -180,10 +186,16 @@ class _SASRecNet(nn.Module):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         length = ids.shape[1]
         x = self.drop(self.item(ids) * self.dim ** 0.5 + self.pos(torch.arange(length))[None])
-        causal = torch.triu(torch.full((length, length), float("-inf")), diagonal=1)
-        # Sequences are left padded, so every row's last position sees its real items; padded keys
-        # are not masked, which would leave the padded positions with no key at all (NaN).
-        return self.norm(self.blocks(x, mask=causal)) @ self.item.weight.T
+        # Causal, and padded keys hidden: sequences are left padded to max_len, and a history of 10
+        # items that also attends to 40 pads has its attention diluted by them (valid NDCG@10 0.053
+        # against 0.064 with this mask, README). Each position keeps itself, so a pad query still has
+        # one key (no NaN); what pads compute is never read.
+        eye = torch.eye(length, dtype=torch.bool)
+        blocked = torch.triu(torch.ones(length, length, dtype=torch.bool), diagonal=1)[None] \
+            | ((ids == 0)[:, None, :] & ~eye[None])
+        mask = torch.zeros(blocked.shape).masked_fill(blocked, float("-inf"))
+        mask = mask.repeat_interleave(self.heads, dim=0)  # [batch * heads, L, L], as attention wants it
+        return self.norm(self.blocks(x, mask=mask)) @ self.item.weight.T
 
 
 def baseline_rows(train: dict[str, list[str]], rows: Sequence[EvalRow], k: int = 10,
@@ -207,8 +219,10 @@ def baseline_rows(train: dict[str, list[str]], rows: Sequence[EvalRow], k: int =
                                        "weights": list(weights)}
         if sasrec:
             items = sorted({i for seq in train.values() for i in seq} | {r.target for r in valid})
-            epochs, _ = SASRec.tune(cut, valid, items, k=k)
-            model = SASRec(items).fit(train, epochs)
+            # No position beyond the longest training sequence is ever filled.
+            max_len = min(50, max(len(s) for s in train.values()))
+            epochs, _ = SASRec.tune(cut, valid, items, k=k, max_len=max_len)
+            model = SASRec(items, max_len=max_len).fit(train, epochs)
             out["SASRec"] = {**ranking_metrics(model.rank_many([r.history for r in rows], k), targets),
                              "epochs": epochs}
     return out

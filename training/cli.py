@@ -47,18 +47,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from training.evaluate import format_table
     from training.recipe import STAGE_LABELS, evaluate_modes, stage_bundle_paths
 
-    bundle = load_bundle(args.bundle)
+    if args.bundle is None and not args.baselines_only:
+        _log("gream eval: --bundle is required (or --baselines-only)")
+        return 2
+    bundle = None if args.baselines_only else load_bundle(args.bundle)
     data = InteractionData.load(args.data)
     split = data.valid if args.split == "valid" else data.test
     rows = split[: args.limit] if args.limit else split
     modes = ["direct", "reasoning"] if args.mode == "both" else [args.mode]
     targets: list[tuple[str, object]] = []
-    if args.with_stages:
+    if bundle is not None and args.with_stages:
         targets += [(STAGE_LABELS.get(stage, stage), load_bundle(path))
                     for stage, path in stage_bundle_paths(bundle).items()]
         if not targets:
             _log("no stage bundles recorded in this bundle's manifest; evaluating the bundle alone")
-    if not targets:
+    if not targets and bundle is not None:
         targets = [("model", bundle)]
     metrics: dict[str, dict[str, float]] = {}
     timings: dict[str, float] = {}
@@ -83,9 +86,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         base_train = data.train
     metrics.update(baseline_rows(base_train, rows, 10, valid=data.valid, sasrec=not args.no_sasrec))
     print(format_table({n: {k: v for k, v in m.items() if "@" in k} for n, m in metrics.items()}))
-    report = {"bundle": bundle.version, "split": args.split, "rows": len(rows), "beams": args.beams, "modes": modes,
+    report = {"bundle": bundle.version if bundle else None, "split": args.split, "rows": len(rows), "beams": args.beams, "modes": modes,
               "metrics": metrics, "eval_seconds": timings,
-              "training_timings": bundle.manifest.get("stats", {}).get("training", {}).get("timings")}
+              "training_timings": bundle.manifest.get("stats", {}).get("training", {}).get("timings") if bundle else None}
     if args.report:
         Path(args.report).write_text(json.dumps(report, indent=2))
         _log(f"report -> {args.report}")
@@ -182,8 +185,10 @@ def add_training_commands(sub: argparse._SubParsersAction) -> None:
     pr.set_defaults(func=cmd_prior)
 
     ev = sub.add_parser("eval", help="HR/NDCG of a bundle's model on test.jsonl, baselines in the same run")
-    ev.add_argument("--bundle", required=True)
+    ev.add_argument("--bundle", default=None, help="the bundle to evaluate (not needed with --baselines-only)")
     ev.add_argument("--data", required=True, help="folder with train.jsonl and test.jsonl")
+    ev.add_argument("--baselines-only", action="store_true",
+                    help="only the baselines (popularity, transitions, SASRec), e.g. on new data before training")
     ev.add_argument("--mode", choices=["direct", "reasoning", "both"], default="direct")
     ev.add_argument("--with-stages", action="store_true",
                     help="also evaluate the per-stage snapshots written by gream train (SFT, +curriculum, +SRPO)")

@@ -81,3 +81,10 @@ def test_train_then_serve_then_eval(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert {"model (direct)", "model +prior(strength=0.5, floor=0.02) (direct)",
             "model +prior(strength=2, floor=0.02) (direct)",
             "model +prior(mixture=0.7, floor=0.02) (direct)"} <= set(tuned["metrics"])
+
+    # Baselines alone, no bundle (a new dataset, before training); a bundle is otherwise required.
+    assert main(["eval", "--data", str(data), "--baselines-only", "--no-sasrec", "--report", str(report)]) == 0
+    alone = json.loads(report.read_text())
+    assert alone["bundle"] is None and {"popularity", "weighted transitions"} <= set(alone["metrics"])
+    assert not any("model" in name for name in alone["metrics"])
+    assert main(["eval", "--data", str(data)]) == 2

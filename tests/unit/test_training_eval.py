@@ -76,6 +76,23 @@ def test_sasrec_learns_a_cyclic_order() -> None:
     assert all(len(set(r)) == 3 for r in ranked)
 
 
+def test_sasrec_real_positions_do_not_attend_to_padding() -> None:
+    """Histories are left padded to max_len: what the pad positions hold must not reach the real ones."""
+    import torch
+
+    from training.baselines import SASRec
+
+    model = SASRec([f"i{n}" for n in range(6)], dim=16, max_len=6, dropout=0.0)
+    net = model.net.eval()
+    ids = torch.tensor([[0, 0, 0, 2, 4, 5]])
+    with torch.no_grad():
+        before = net(ids)[0, 3:]
+        net.pos.weight[:3] += torch.randn(3, 16)  # change what the three pads compute
+        after = net(ids)[0, 3:]
+    assert torch.isfinite(before).all()
+    torch.testing.assert_close(before, after)
+
+
 def test_sft_replans_a_probe_that_underestimated_the_step_rate() -> None:
     """A plan far below what the budget allows (a probe slowed by a busy machine) is re-fitted to the
     measured step rate while training, up to max_epochs, and still stops within the budget."""
