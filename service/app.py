@@ -264,7 +264,11 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None,
         await store.connect()
         app.state.history = store
         eng = engine or create_engine(settings, bundle)
-        if getattr(eng, "on_batch", False) is None:
+        # Engines that batch take a hook; this app's metrics own it while the app runs (an engine
+        # passed in, e.g. shared by tests, gets its previous hook back on shutdown).
+        has_hook = hasattr(eng, "on_batch")
+        previous_hook = getattr(eng, "on_batch", None)
+        if has_hook:
             eng.on_batch = metrics.observe_batch  # type: ignore[attr-defined]
         metrics.bind_engine_stats(eng.stats)
         try:
@@ -283,6 +287,8 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None,
         finally:
             app.state.engine = None
             app.state.recommender = None
+            if has_hook:
+                eng.on_batch = previous_hook  # type: ignore[attr-defined]
             if engine is None:
                 await eng.close()
             if history_store is None:
