@@ -281,7 +281,7 @@ def child_main(sock: socket.socket, bundle_dir: str, settings: dict[str, Any]) -
     from service.config import Settings
 
     conf = Settings(**settings)
-    from service.app import configure_logging
+    from service.runtime import configure_logging
 
     configure_logging(conf)
     asyncio.run(_ChildServer(sock, bundle_dir, conf).run())
@@ -313,7 +313,7 @@ class _ChildServer:
             self.send(("failed", f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=3)}"))
             await self.writer.drain()
             return
-        from service.app import freeze_heap
+        from service.runtime import freeze_heap
 
         freeze_heap()
         self.engine = engine

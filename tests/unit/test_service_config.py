@@ -66,7 +66,7 @@ def test_reasoning_budget_default_respects_the_max() -> None:
 
 
 def test_json_log_lines_carry_the_request_id() -> None:
-    from service.app import REQUEST_ID, JsonFormatter
+    from service.runtime import REQUEST_ID, JsonFormatter
 
     record = logging.LogRecord("gream.access", logging.INFO, __file__, 1, "request", None, None)
     record.status = 200
