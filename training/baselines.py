@@ -42,20 +42,22 @@ class TransitionBaseline:
 
 
 class WeightedTransitionBaseline:
-    """The strongest baseline of ../shared/data/README.md: a weighted sum of transition probabilities
-    from the last item, from the second-to-last item (skipping one), and two steps from the last item
-    (through any intermediate), with a small popularity back-off. The weights are tuned on valid rows
-    against sequences cut before them (`tune`), then the counts are refitted on all of train. The
-    counting is model_store.prior's, the collaborative prior that decoding can fuse with the model."""
+    """The strongest baseline of ../shared/data/README.md: a weighted sum of transitions from the last
+    item, from the second-to-last item (skipping one), and two steps from the last item (through any
+    intermediate), with a small popularity back-off. The weights, and whether the terms are counts or
+    per-item probabilities, are tuned on valid rows against sequences cut before them (`tune`), then the
+    counts are refitted on all of train. The counting is model_store.prior's, the collaborative prior
+    that decoding can fuse with the model."""
 
     GRID = (0.0, 0.1, 0.25, 0.5, 1.0)
 
     def __init__(self, train: dict[str, list[str]], weights: tuple[float, float, float] = (1.0, 0.25, 0.25),
-                 popularity_weight: float = 1e-3):
+                 popularity_weight: float = 1e-3, normalise_rows: bool = False):
         self.items = sorted({i for seq in train.values() for i in seq})
         self.index = {item: n for n, item in enumerate(self.items)}
         self.prior = TransitionPrior.fit(([self.index[i] for i in seq] for seq in train.values()), len(self.items),
-                                         PriorSettings(weights=weights, popularity_weight=popularity_weight))
+                                         PriorSettings(weights=weights, popularity_weight=popularity_weight,
+                                                       normalise_rows=normalise_rows))
 
     @property
     def weights(self) -> tuple[float, float, float]:
@@ -75,16 +77,20 @@ class WeightedTransitionBaseline:
 
     @classmethod
     def tune(cls, cut_train: dict[str, list[str]], valid: Sequence[EvalRow], k: int = 10
-             ) -> tuple[tuple[float, float, float], float]:
-        """The weights with the best valid NDCG@k (last-item weight fixed at 1), and that NDCG."""
+             ) -> tuple[dict[str, Any], float]:
+        """The settings with the best valid NDCG@k, {"weights" (last-item weight fixed at 1),
+        "normalise_rows"}, and that NDCG. Ties keep counts and the smaller weights."""
         model = cls(cut_train)
         targets = [r.target for r in valid]
-        best: tuple[float, tuple[float, float, float]] = (-1.0, (1.0, 0.0, 0.0))
-        for w_skip in cls.GRID:
-            for w_two in cls.GRID:
-                model.weights = (1.0, w_skip, w_two)
-                ndcg = ranking_metrics([model.rank(r.history, k) for r in valid], targets, (k,))[f"NDCG@{k}"]
-                best = max(best, (ndcg, model.weights))
+        best: tuple[float, dict[str, Any]] = (-1.0, {})
+        for normalise in (False, True):
+            model.prior = model.prior.with_settings(normalise_rows=normalise)
+            for w_skip in cls.GRID:
+                for w_two in cls.GRID:
+                    model.weights = (1.0, w_skip, w_two)
+                    ndcg = ranking_metrics([model.rank(r.history, k) for r in valid], targets, (k,))[f"NDCG@{k}"]
+                    if ndcg > best[0]:
+                        best = (ndcg, {"weights": model.weights, "normalise_rows": normalise})
         return best[1], best[0]
 
 
@@ -213,10 +219,10 @@ def baseline_rows(train: dict[str, list[str]], rows: Sequence[EvalRow], k: int =
         from training.tasks import holdout_sequences
 
         cut = holdout_sequences(train, valid)
-        weights, _ = WeightedTransitionBaseline.tune(cut, valid, k)
-        weighted = WeightedTransitionBaseline(train, weights)
+        tuned, _ = WeightedTransitionBaseline.tune(cut, valid, k)
+        weighted = WeightedTransitionBaseline(train, tuned["weights"], normalise_rows=tuned["normalise_rows"])
         out["weighted transitions"] = {**ranking_metrics([weighted.rank(r.history, k) for r in rows], targets),
-                                       "weights": list(weights)}
+                                       "weights": list(tuned["weights"]), "normalise_rows": tuned["normalise_rows"]}
         if sasrec:
             items = sorted({i for seq in train.values() for i in seq} | {r.target for r in valid})
             # No position beyond the longest training sequence is ever filled.

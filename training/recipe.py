@@ -30,6 +30,7 @@ import tempfile
 import time
 import tomllib
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +53,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "tokenizer": {"vocab_size": 1500},
         "backbone": {"scratch": "demo"},
         "align": {"epochs": 2.0, "max_steps": 30, "batch_size": 32, "lr": 3e-3, "max_history": 10,
+                  "fused_objective": True,
                   "weights": {"sequential": 1.0, "text_to_id": 1.0, "id_to_title": 0.5, "titles_history": 0.5}},
         "reason": {"epochs": 1.0, "max_steps": 8, "batch_size": 16, "lr": 1e-3, "max_examples": 400,
                    "align_replay": 0.5},
@@ -90,20 +92,25 @@ PRESETS: dict[str, dict[str, Any]] = {
         # HR@10 0.06), while this one memorised a 300-user subset in 1 minute (in-sample HR@10 1.0)
         # and reached valid HR@10 0.081 in 8 minutes; learning here is limited by optimizer steps.
         "backbone": {"scratch": "demo"},
+        # fused_objective: the sequential task learns the mixture the service decodes from (training.sft,
+        # FusedObjective), at prior weight 0.8. Holdout models (align only, 10 min, all 4,532 valid rows):
+        # served fused at prior weights 0.5 / 0.6 / 0.7 / 0.8 / 0.9, NDCG@10 0.0982 / 0.0980 / 0.0980 /
+        # 0.0977 / 0.0975 against 0.0948 / 0.0957 / 0.0958 / 0.0962 / 0.0966 with the plain likelihood
+        # (weighted transitions 0.0963; README, "Fused objective").
         "align": {"epochs": 40.0, "batch_size": 16, "lr": 3e-3, "max_history": 10, "dense_history": True,
+                  "fused_objective": 0.8,
                   "weights": {"sequential": 1.0, "text_to_id": 1.0, "id_to_title": 0.5, "titles_history": 0.5}},
         "reason": {"epochs": 2.0, "batch_size": 16, "lr": 5e-4, "max_examples": 6000, "align_replay": 0.5},
         # SRPO gave the largest valid gain per minute and stopped at a 400-step cap after 3 of its 18
         # minutes in the first full run: the step cap is now above what its time share allows.
         "srpo": {"steps": 2500, "group_size": 8, "prompts_per_step": 16, "lr": 5e-5, "kl_coef": 0.04,
                  "mode": "direct"},
-        # Collaborative prior fused into decoding (model_store.prior); transition weights tuned on valid
-        # against train cut before the valid rows, as the weighted-transitions baseline is. Fusion chosen
-        # on valid rows with a model trained on the cut train (holdout_valid, align only, 11 min): the
-        # product at strengths 1/2/3/4/6 peaked at 4 (1,000 rows: NDCG@10 0.0885); on all 4,532 valid
-        # rows the mixture at prior weights 0.7/0.8/0.9 gave NDCG@10 0.0966/0.0972/0.0968 against the
-        # product's 0.0959 at strength 4 and weighted transitions' 0.0957 (README, "Collaborative prior").
-        "prior": {"enabled": True, "fusion": "mixture", "mixture_weight": 0.8, "floor": 0.02, "tune_weights": True},
+        # Collaborative prior fused into decoding (model_store.prior); transition weights (and counts or
+        # probabilities) tuned on valid against train cut before the valid rows, as the weighted-
+        # transitions baseline is. Fusion chosen on valid rows with a model trained on the cut train
+        # (holdout_valid, align only, 10 min, the fused objective): the mixture at prior weight 0.5 had
+        # the best NDCG@10 and HR@10 (0.0982 / 0.1211; the product 0.0947 at strength 4, 0.0897 at 2).
+        "prior": {"enabled": True, "fusion": "mixture", "mixture_weight": 0.5, "floor": 0.02, "tune_weights": True},
         "eval": {"valid_rows": 1000, "reasoning_rows": 300, "beams": 20, "reasoning_tokens": 256},
         "budget": {"align": 0.55, "reason": 0.25, "srpo": 0.2, "eval_reserve": 0.1},
         "holdout_valid": False,
@@ -231,7 +238,7 @@ def fit_epochs(model: Any, tokenizer: Any, examples: Sequence[Any], batch_size: 
 
 
 def run_sft(model: Any, tokenizer: Any, examples: Sequence[Any], stage_cfg: dict[str, Any], minutes: float | None,
-            seed: int, desc: str, accelerator: Any = None) -> dict[str, Any]:
+            seed: int, desc: str, accelerator: Any = None, fused: Any = None) -> dict[str, Any]:
     from training.sft import SFTConfig, train_sft
 
     t = time.perf_counter()
@@ -245,8 +252,9 @@ def run_sft(model: Any, tokenizer: Any, examples: Sequence[Any], stage_cfg: dict
                         stage_cfg.get("max_steps"))
     cfg = SFTConfig(epochs=epochs, batch_size=int(stage_cfg["batch_size"]), lr=float(stage_cfg["lr"]),
                     max_minutes=minutes, seed=seed, max_epochs=cap)
-    stats = train_sft(model, tokenizer, examples, cfg, desc=desc, accelerator=accelerator)
-    return {**stats, "probe_s_per_step": per_step, "tasks": _task_counts(examples)}
+    stats = train_sft(model, tokenizer, examples, cfg, desc=desc, accelerator=accelerator, fused=fused)
+    return {**stats, "probe_s_per_step": per_step, "tasks": _task_counts(examples),
+            "fused_objective": None if fused is None else {"mixture_weight": fused.mixture_weight}}
 
 
 def _task_counts(examples: Sequence[Any]) -> dict[str, int]:
@@ -360,7 +368,8 @@ def make_tokenizer(ids_bundle: Bundle, cfg: dict[str, Any], train: dict[str, lis
 def fit_prior(ids_bundle: Bundle, train: dict[str, list[str]], valid: Sequence[EvalRow],
               prior_cfg: dict[str, Any] | None, log: Callable[[str], None]) -> Any:
     """The collaborative prior the bundle ships (None when disabled): transition weights tuned on valid
-    rows against train cut before them, counts from `train`, strength and floor from the config."""
+    rows against train cut before them (and counts or probabilities), counts from `train`, fusion and
+    floor from the config."""
     from model_store.prior import PriorSettings, TransitionPrior
     from training.baselines import WeightedTransitionBaseline
     from training.tasks import holdout_sequences
@@ -368,14 +377,36 @@ def fit_prior(ids_bundle: Bundle, train: dict[str, list[str]], valid: Sequence[E
     prior_cfg = prior_cfg or {}
     if not prior_cfg.get("enabled", False):
         return None
-    settings = PriorSettings.from_dict(prior_cfg)
+    # from_dict reads a missing normalise_rows as a bundle written before counts; a config means the default.
+    settings = PriorSettings.from_dict({"normalise_rows": PriorSettings.normalise_rows, **prior_cfg})
     if prior_cfg.get("tune_weights", True) and valid:
-        weights, ndcg = WeightedTransitionBaseline.tune(holdout_sequences(train, valid), valid)
-        settings = PriorSettings.from_dict({**settings.to_dict(), "weights": list(weights)})
-        log(f"[prior] transition weights {list(weights)} (valid NDCG@10 {ndcg:.4f} alone)")
+        tuned, ndcg = WeightedTransitionBaseline.tune(holdout_sequences(train, valid), valid)
+        settings = replace(settings, weights=tuned["weights"], normalise_rows=tuned["normalise_rows"])
+        log(f"[prior] transition weights {list(tuned['weights'])}, "
+            f"{'per-item probabilities' if tuned['normalise_rows'] else 'counts'} (valid NDCG@10 {ndcg:.4f} alone)")
     index = ids_bundle.index_of
     return TransitionPrior.fit(([index[i] for i in seq if i in index] for seq in train.values()),
                                len(ids_bundle.items), settings)
+
+
+def fused_objective(align_cfg: dict[str, Any], prior: Any, tokenizer: Any, ids_bundle: Bundle) -> Any:
+    """The SFT trainer's FusedObjective when the config asks for it (`align.fused_objective`: true, or
+    the prior weight to train for), else None; it needs the bundle's prior with mixture fusion, the
+    distribution the service decodes from."""
+    from training.sft import FusedObjective
+
+    setting = align_cfg.get("fused_objective", False)
+    if setting is False or setting is None or setting == 0:
+        return None
+    if prior is None or prior.settings.fusion != "mixture":
+        raise ValueError("align.fused_objective needs the collaborative prior with mixture fusion "
+                         "(prior.enabled = true, prior.fusion = \"mixture\")")
+    # true: train for the mixture weight the bundle serves; a number: train for that weight.
+    weight = prior.settings.mixture_weight if setting is True else float(setting)
+    if not 0 < weight < 1:
+        raise ValueError(f"align.fused_objective must be true, false or a prior weight in (0, 1), got {setting!r}")
+    return FusedObjective(weight, frozenset(tokens.id_token_ids(tokenizer, ids_bundle.id_format)),
+                          ids_bundle.id_format.depth)
 
 
 def _save(out: Path, ids_bundle: Bundle, tokenizer: Any, model: Any, stats: dict[str, Any],
@@ -477,8 +508,13 @@ def run_recipe(data_dir: str | Path, out: str | Path, config: str | dict[str, An
 
         align_cfg = cfg["align"]
         max_history = int(align_cfg.get("max_history", 10))
+        fused = fused_objective(align_cfg, prior, tokenizer, ids_bundle)
+        if fused is not None:
+            log(f"[align] fused objective: the model learns the mixture w * prior + (1 - w) * model, w = "
+                f"{fused.mixture_weight:g}, against held-out prior probabilities")
         align_examples = alignment_examples(ids_bundle, train, align_cfg.get("weights"), max_history, seed,
-                                        bool(align_cfg.get("dense_history", True)))
+                                            bool(align_cfg.get("dense_history", True)),
+                                            prior if fused is not None else None)
 
         if "align" in stages:
             t = time.perf_counter()
@@ -487,7 +523,7 @@ def run_recipe(data_dir: str | Path, out: str | Path, config: str | dict[str, An
             log(f"[align] {len(align_examples)} examples, "
                 + (f"{align_minutes:.1f} min budget" if align_minutes else "no time budget"))
             stats["stage_stats"]["align"] = run_sft(model, tokenizer, align_examples, align_cfg, train_minutes["align"],
-                                                    seed, "align", accelerator)
+                                                    seed, "align", accelerator, fused)
             timings["align_s"] = time.perf_counter() - t
             measure("align", ["direct"])
             snapshot("align")
@@ -510,7 +546,8 @@ def run_recipe(data_dir: str | Path, out: str | Path, config: str | dict[str, An
                 mixed = mix_examples({"reason": examples, "replay": replay}, {"reason": 1.0, "replay": 1.0}, seed + s)
                 log(f"[reason {s}/5: +{tokens.REASONING_STAGES[s - 1]}] {len(examples)} reasoning + "
                     f"{len(replay)} replayed alignment examples")
-                sub_stats.append(run_sft(model, tokenizer, mixed, rc, per_stage, seed + s, f"reason {s}/5", accelerator))
+                sub_stats.append(run_sft(model, tokenizer, mixed, rc, per_stage, seed + s, f"reason {s}/5", accelerator,
+                                         fused))
             stats["stage_stats"]["reason"] = {"substages": sub_stats,
                                               "teacher_failures": teacher.failures if teacher else None}
             timings["reason_s"] = time.perf_counter() - t

@@ -11,7 +11,7 @@ import random
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from tqdm.auto import tqdm
@@ -46,24 +46,86 @@ class SFTConfig:
         return asdict(self)
 
 
-def tokenize_examples(tokenizer: Any, examples: Sequence[Example]) -> list[tuple[list[int], int]]:
-    """Token ids of prompt + completion + EOS, and the prompt length (where the loss starts)."""
+@dataclass(frozen=True)
+class FusedObjective:
+    """Train for the distribution the service decodes from, not for the model alone.
+
+    With mixture fusion (model_store.prior) the service ranks items by w * P(item) + (1 - w) * m(item),
+    P the collaborative prior and m the model's probability of the item's ID. For the items of an
+    example that carries the prior's held-out log-probabilities (Example.item_log_prior), the loss is
+    that mixture's negative log-likelihood, -log(w P + (1 - w) m), instead of -log m; its gradient is
+    the plain one scaled by the model's share of the mixture, (1 - w) m / (w P + (1 - w) m), so the
+    model spends its capacity where the prior is unsure rather than re-learning the counted pairs.
+    Other tokens (separators, EOS, other tasks) keep the plain likelihood."""
+
+    mixture_weight: float
+    id_token_ids: frozenset[int]
+    depth: int  # ID tokens per item
+
+
+class Tokenized(NamedTuple):
+    ids: list[int]  # prompt + completion + EOS
+    prompt_len: int  # where the loss starts
+    items: tuple[tuple[int, float], ...] = ()  # fused objective: (position of the ID's first token, log P)
+
+
+def tokenize_examples(tokenizer: Any, examples: Sequence[Example], fused: FusedObjective | None = None
+                      ) -> list[Tokenized]:
+    """Token ids of prompt + completion + EOS and the prompt length; with `fused`, also where each
+    completion item's ID starts, with its prior log-probability."""
     prompts = tokenizer([e.prompt for e in examples], add_special_tokens=False)["input_ids"]
     completions = tokenizer([e.completion for e in examples], add_special_tokens=False)["input_ids"]
     eos = tokenizer.eos_token_id
-    return [(p + c + [eos], len(p)) for p, c in zip(prompts, completions)]
+    out = []
+    for e, p, c in zip(examples, prompts, completions, strict=True):
+        items: tuple[tuple[int, float], ...] = ()
+        if fused is not None and e.item_log_prior:
+            where = [len(p) + i for i, tok in enumerate(c) if tok in fused.id_token_ids]
+            if len(where) != fused.depth * len(e.item_log_prior):
+                raise ValueError(f"a {e.task} example's completion holds {len(where)} ID tokens for "
+                                 f"{len(e.item_log_prior)} items of {fused.depth} tokens")
+            items = tuple((where[n * fused.depth], lp) for n, lp in enumerate(e.item_log_prior))
+        out.append(Tokenized(p + c + [eos], len(p), items))
+    return out
 
 
-def _collate(batch: Sequence[tuple[list[int], int]], pad_id: int) -> dict[str, torch.Tensor]:
-    width = max(len(ids) for ids, _ in batch)
+def _collate(batch: Sequence[Tokenized], pad_id: int, depth: int = 0) -> dict[str, torch.Tensor]:
+    """Padded input ids, attention mask and labels; for examples with items (and their ID `depth`),
+    also `item_group` (the batch's item index at each of its ID tokens, -1 elsewhere) and
+    `item_log_prior` (one per item)."""
+    width = max(len(t.ids) for t in batch)
     input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
     mask = torch.zeros((len(batch), width), dtype=torch.long)
-    for row, (ids, prompt_len) in enumerate(batch):
-        input_ids[row, : len(ids)] = torch.tensor(ids)
-        labels[row, prompt_len: len(ids)] = torch.tensor(ids[prompt_len:])
-        mask[row, : len(ids)] = 1
-    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+    group = torch.full((len(batch), width), -1, dtype=torch.long)
+    log_prior: list[float] = []
+    for row, t in enumerate(batch):
+        input_ids[row, : len(t.ids)] = torch.tensor(t.ids)
+        labels[row, t.prompt_len: len(t.ids)] = torch.tensor(t.ids[t.prompt_len:])
+        mask[row, : len(t.ids)] = 1
+        for start, lp in t.items:
+            group[row, start: start + depth] = len(log_prior)
+            log_prior.append(lp)
+    out = {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+    if log_prior:
+        out |= {"item_group": group, "item_log_prior": torch.tensor(log_prior, dtype=torch.float32)}
+    return out
+
+
+def fused_loss(logits: torch.Tensor, labels: torch.Tensor, item_group: torch.Tensor, item_log_prior: torch.Tensor,
+               mixture_weight: float) -> torch.Tensor:
+    """Mean over label tokens, as the plain causal-LM loss, with each item's ID tokens counted as
+    one term -log(w P + (1 - w) m) (FusedObjective)."""
+    logits, labels, group = logits[:, :-1].float(), labels[:, 1:], item_group[:, 1:]
+    valid = labels != IGNORE
+    token_lp = torch.log_softmax(logits, -1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    token_lp = torch.where(valid, token_lp, torch.zeros_like(token_lp))
+    in_item = group >= 0
+    plain = -token_lp[~in_item].sum()
+    item_lm = torch.zeros(len(item_log_prior), device=logits.device).index_add(0, group[in_item], token_lp[in_item])
+    mixed = torch.logaddexp(math.log(mixture_weight) + item_log_prior.to(logits.device),
+                            math.log1p(-mixture_weight) + item_lm)
+    return (plain - mixed.sum()) / valid.sum().clamp(min=1)
 
 
 def cpu_has_bf16() -> bool:
@@ -99,14 +161,15 @@ def epoch_batches(lengths: Sequence[int], batch_size: int, rng: random.Random, g
 
 
 def train_sft(model: Any, tokenizer: Any, examples: Sequence[Example], cfg: SFTConfig,
-              desc: str = "sft", accelerator: Any = None) -> dict[str, Any]:
+              desc: str = "sft", accelerator: Any = None, fused: FusedObjective | None = None) -> dict[str, Any]:
     """Train in place; returns steps, final loss, wall time and whether the time budget stopped it.
+    With `fused`, examples that carry prior log-probabilities train the fused objective.
 
     With an `accelerate` Accelerator each process trains on its shard of the examples (the gradients
     are averaged by accelerate's DDP wrapper); without one it is plain single-device PyTorch."""
     rng = random.Random(cfg.seed)
     torch.manual_seed(cfg.seed)
-    data = tokenize_examples(tokenizer, examples)
+    data = tokenize_examples(tokenizer, examples, fused)
     shard = len(data)
     if accelerator is not None:  # every process plans the same number of steps, or DDP would hang
         shard = math.ceil(len(data) / accelerator.num_processes)
@@ -134,7 +197,7 @@ def train_sft(model: Any, tokenizer: Any, examples: Sequence[Example], cfg: SFTC
     deadline = start + cfg.max_minutes * 60 if cfg.max_minutes else None
     step, ema, stopped_early = 0, None, False
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    lengths = [len(ids) for ids, _ in data]
+    lengths = [len(t.ids) for t in data]
     bar = tqdm(total=total_steps, desc=desc, unit="step", disable=not _is_main(accelerator))
     batches: list[list[int]] = []
     cap_steps = max(total_steps, int(steps_per_epoch * cfg.max_epochs)) if cfg.max_epochs else total_steps
@@ -143,9 +206,15 @@ def train_sft(model: Any, tokenizer: Any, examples: Sequence[Example], cfg: SFTC
     while step < total_steps:
         if not batches:
             batches = epoch_batches(lengths, cfg.batch_size, rng, cfg.group_by_length)
-        batch = {k: v.to(device) for k, v in _collate([data[i] for i in batches.pop()], pad).items()}
+        batch = {k: v.to(device) for k, v in
+                 _collate([data[i] for i in batches.pop()], pad, fused.depth if fused else 0).items()}
+        group, log_prior = batch.pop("item_group", None), batch.pop("item_log_prior", None)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss = train_model(**batch).loss
+            if group is None or fused is None:
+                loss = train_model(**batch).loss
+            else:
+                labels = batch.pop("labels")
+                loss = fused_loss(train_model(**batch).logits, labels, group, log_prior, fused.mixture_weight)
         opt.zero_grad(set_to_none=True)
         if accelerator is not None:
             accelerator.backward(loss)
@@ -203,7 +272,7 @@ def _replanned_steps(step: int, start: float, deadline: float, cap_steps: int, a
 def padded_tokens_per_step(tokenizer: Any, examples: Sequence[Example], batch_size: int,
                            group_by_length: bool = True, seed: int = 0) -> float:
     """Mean padded tokens (batch x longest) of one epoch's batches: what a step costs, for budgeting."""
-    lengths = [len(ids) for ids, _ in tokenize_examples(tokenizer, examples)]
+    lengths = [len(t.ids) for t in tokenize_examples(tokenizer, examples)]
     batches = epoch_batches(lengths, batch_size, random.Random(seed), group_by_length)
     return sum(len(b) * max(lengths[i] for i in b) for b in batches) / max(1, len(batches))
 

@@ -13,6 +13,7 @@ from typing import Any
 
 from model_store import tokens
 from model_store.bundle import Bundle
+from model_store.prior import TransitionPrior
 from training.data import next_item_windows
 
 
@@ -21,6 +22,9 @@ class Example:
     prompt: str
     completion: str
     task: str
+    # The collaborative prior's held-out log-probability of each item ID in the completion, in
+    # order (sequential examples, for the SFT trainer's fused objective); empty: plain likelihood.
+    item_log_prior: tuple[float, ...] = ()
 
 
 def spell_history(bundle: Bundle, history: Sequence[str]) -> list[str]:
@@ -28,22 +32,29 @@ def spell_history(bundle: Bundle, history: Sequence[str]) -> list[str]:
 
 
 def sequential_examples(bundle: Bundle, sequences: dict[str, list[str]], max_history: int = 10,
-                        dense: bool = True) -> list[Example]:
+                        dense: bool = True, prior: TransitionPrior | None = None) -> list[Example]:
     """History -> next item ID, one example per position of every training sequence.
 
     `dense`: the loss also covers the history's own items after the first (each is the next item of
     those before it), about max_history times more supervision per token computed; measured on
-    amazon-industrial it is what lets a small model learn the item transitions in minutes."""
+    amazon-industrial it is what lets a small model learn the item transitions in minutes.
+    `prior`: each example carries the prior's held-out log-probability of its completion's items
+    (TransitionPrior.held_out_log_probs), for the fused objective."""
     out = []
     for seq in sequences.values():
         seq = [i for i in seq if i in bundle.index_of]
-        for history, target in next_item_windows(seq, max_history):
+        # held[t - 1]: the prior's log-probability of seq[t] after seq[:t], this user's counts taken out.
+        held = prior.held_out_log_probs([bundle.index_of[i] for i in seq]) if prior is not None else None
+        for t, (history, target) in enumerate(next_item_windows(seq, max_history), start=1):
             spelled, answer = spell_history(bundle, history), bundle.spelled_id(bundle.index_of[target])
             if dense:
                 head, rest = tokens.direct_prompt_split(spelled)
-                out.append(Example(head, rest + answer, "sequential"))
+                # The completion's items: history[1:] and the target, i.e. positions t - len(history) + 1 .. t.
+                logp = tuple(held[t - len(history): t]) if held is not None else ()
+                out.append(Example(head, rest + answer, "sequential", logp))
             else:
-                out.append(Example(tokens.direct_prompt(spelled), answer, "sequential"))
+                logp = (float(held[t - 1]),) if held is not None else ()
+                out.append(Example(tokens.direct_prompt(spelled), answer, "sequential", logp))
     return out
 
 
@@ -105,11 +116,13 @@ def mix_examples(groups: dict[str, Sequence[Example]], weights: dict[str, float]
 
 
 def alignment_examples(bundle: Bundle, sequences: dict[str, list[str]], weights: dict[str, float] | None = None,
-                       max_history: int = 10, seed: int = 0, dense_history: bool = True) -> list[Example]:
-    """The collaborative-semantic alignment mix: history -> ID, text -> ID, ID -> title, titles -> ID."""
+                       max_history: int = 10, seed: int = 0, dense_history: bool = True,
+                       prior: TransitionPrior | None = None) -> list[Example]:
+    """The collaborative-semantic alignment mix: history -> ID, text -> ID, ID -> title, titles -> ID
+    (with `prior`, the sequential examples carry its held-out log-probabilities)."""
     weights = {**DEFAULT_TASK_WEIGHTS, **(weights or {})}
     builders = {
-        "sequential": lambda: sequential_examples(bundle, sequences, max_history, dense_history),
+        "sequential": lambda: sequential_examples(bundle, sequences, max_history, dense_history, prior),
         "text_to_id": lambda: text_to_id_examples(bundle),
         "id_to_title": lambda: id_to_title_examples(bundle),
         "titles_history": lambda: titles_history_examples(bundle, sequences, min(5, max_history)),

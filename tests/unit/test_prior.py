@@ -3,6 +3,7 @@ biases that telescope to the item's prior, persistence in bundles, fusion in the
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -26,14 +27,53 @@ def test_fit_counts_transitions_and_popularity() -> None:
     np.testing.assert_allclose(prior.popularity, np.array([2, 3, 2, 2, 2, 0]) / 11)
 
 
-def test_scores_mix_last_skip_and_two_step() -> None:
-    prior = TransitionPrior.fit(SEQS, 6, PriorSettings(weights=(1.0, 0.5, 0.25), popularity_weight=0.0))
+@pytest.mark.parametrize("normalise", [True, False])
+def test_scores_mix_last_skip_and_two_step(normalise: bool) -> None:
+    settings = PriorSettings(weights=(1.0, 0.5, 0.25), popularity_weight=0.0, normalise_rows=normalise)
+    prior = TransitionPrior.fit(SEQS, 6, settings)
     s = prior.scores([0, 1])
-    last = prior.p1[1].toarray().ravel()
-    two = (prior.p1[1] @ prior.p1).toarray().ravel()
-    skip = prior.p_skip[0].toarray().ravel()
+    first, skip_m = (prior.p1, prior.p_skip) if normalise else (prior.c1, prior.c_skip)
+    last = first[1].toarray().ravel()
+    two = (first[1] @ prior.p1).toarray().ravel()
+    skip = skip_m[0].toarray().ravel()
     np.testing.assert_allclose(s, last + 0.5 * skip + 0.25 * two)
     assert prior.scores([]).sum() == 0  # no history, no popularity weight: nothing to say
+
+
+def test_counts_let_the_better_attested_transition_win() -> None:
+    # After 1 came 2 once; 0 was followed two later by 3 three times. For the history [0, 1] the
+    # probabilities say P(2 | 1) = 1 against P(3 two after 0) = 1 at half weight; the counts say 1
+    # against 3 at half weight.
+    seqs = [[5, 1, 2], [0, 9, 3], [0, 9, 3], [0, 9, 3]]
+    settings = PriorSettings(weights=(1.0, 0.5, 0.0), popularity_weight=0.0)
+    counts = TransitionPrior.fit(seqs, 10, replace(settings, normalise_rows=False))
+    probs = counts.with_settings(normalise_rows=True)
+    assert counts.c1[1].toarray().ravel()[2] == 1 and counts.c_skip[0].toarray().ravel()[3] == 3
+    assert int(probs.scores([0, 1]).argmax()) == 2
+    assert int(counts.scores([0, 1]).argmax()) == 3
+
+
+def test_priors_saved_as_probabilities_still_load(tmp_path: Path) -> None:
+    """Bundles written before counts were kept hold P(next | item) only, under p1 / p_skip."""
+    prior = TransitionPrior.fit(SEQS, 6, PriorSettings(normalise_rows=True))
+    arrays: dict[str, Any] = {"popularity": prior.popularity}
+    for name, m in (("p1", prior.p1), ("p_skip", prior.p_skip)):
+        arrays |= {f"{name}_data": m.data, f"{name}_indices": m.indices, f"{name}_indptr": m.indptr}
+    np.savez(tmp_path / "old.npz", **arrays)
+    settings = PriorSettings.from_dict({"weights": [1.0, 0.5, 0.1]})  # an old manifest: no normalise_rows
+    assert settings.normalise_rows
+    old = TransitionPrior.load(tmp_path / "old.npz", settings)
+    np.testing.assert_allclose(old.scores([0, 1]), prior.scores([0, 1]))
+    with pytest.raises(ValueError, match="probabilities only"):
+        TransitionPrior.load(tmp_path / "old.npz", replace(settings, normalise_rows=False))
+
+
+def test_saved_counts_round_trip(tmp_path: Path) -> None:
+    prior = TransitionPrior.fit(SEQS, 6)
+    prior.save(tmp_path / "p.npz")
+    back = TransitionPrior.load(tmp_path / "p.npz", prior.settings)
+    assert (back.c1 != prior.c1).nnz == 0 and (back.c_skip != prior.c_skip).nnz == 0
+    np.testing.assert_allclose(back.scores([0, 1]), prior.scores([0, 1]))
 
 
 def test_item_probs_is_a_distribution_with_a_floor() -> None:

@@ -43,10 +43,11 @@ def test_weighted_transitions_use_the_second_to_last_item_and_two_steps() -> Non
 
 def test_weighted_transitions_tune_picks_the_weights_valid_rewards() -> None:
     valid = [EvalRow("v", ["c"], "e")] * 3
-    weights, ndcg = WeightedTransitionBaseline.tune(TRAIN, valid, k=5)
+    tuned, ndcg = WeightedTransitionBaseline.tune(TRAIN, valid, k=5)
     # The last item's own successor "d" keeps rank 1 (its weight is fixed at 1); the two-step term
     # lifts "e" from the popularity back-off to rank 2.
-    assert weights[2] > 0 and ndcg == pytest.approx(1 / math.log2(3))
+    assert tuned["weights"][2] > 0 and ndcg == pytest.approx(1 / math.log2(3))
+    assert tuned["normalise_rows"] is False  # a tie between counts and probabilities keeps counts
     assert ranking_metrics([WeightedTransitionBaseline(TRAIN, (1.0, 0.0, 0.0)).rank(["c"], 5)], ["e"],
                            (5,))["NDCG@5"] < ndcg
 
