@@ -80,6 +80,12 @@ class PriorSettings:
         weights = tuple(float(w) for w in raw.get("weights", cls.weights))
         return cls(weights=weights, **known)  # __post_init__ validates
 
+    @classmethod
+    def from_config(cls, raw: dict[str, Any]) -> PriorSettings:
+        """Settings from a training config: keys it leaves out take today's defaults (`from_dict`
+        reads a manifest, where a missing key means a bundle written before that key existed)."""
+        return cls.from_dict({**cls().to_dict(), **raw})
+
 
 def _counts(edges: list[tuple[int, int]], n: int) -> sparse.csr_matrix:
     if not edges:
@@ -146,26 +152,40 @@ class TransitionPrior:
 
     def scores(self, history: Sequence[int]) -> np.ndarray:
         """The unnormalised transition mix (the weighted-transitions baseline's ranking score)."""
+        known = [int(i) for i in history if 0 <= int(i) < self.num_items]
+        last = self.c1[known[-1]].toarray().ravel() if known else None
+        skip = self.c_skip[known[-2]].toarray().ravel() if len(known) >= 2 else None
+        return self._mix(last, skip)
+
+    def _mix(self, last: np.ndarray | None, skip: np.ndarray | None) -> np.ndarray:
+        """The weighted mix of the last item's transition counts and the second-to-last item's
+        skip counts (dense rows, None when the history is too short), by the settings."""
         w_last, w_skip, w_two = self.settings.weights
         out = self.settings.popularity_weight * self.popularity
-        known = [int(i) for i in history if 0 <= int(i) < self.num_items]
-        first, skip = (self.p1, self.p_skip) if self.settings.normalise_rows else (self.c1, self.c_skip)
-        if known:
-            last = first[known[-1]]
-            out = out + w_last * last.toarray().ravel()
+
+        def scaled(row: np.ndarray) -> np.ndarray:
+            total = row.sum()
+            return row / total if self.settings.normalise_rows and total > 0 else row
+
+        if last is not None:
+            last = scaled(last)
+            out = out + w_last * last
             if w_two:  # where the next items lead, on the scale of the first term
-                out = out + w_two * (last @ self.p1).toarray().ravel()
-        if len(known) >= 2 and w_skip:
-            out = out + w_skip * skip[known[-2]].toarray().ravel()
+                out = out + w_two * (self.p1.T @ last)
+        if skip is not None and w_skip:
+            out = out + w_skip * scaled(skip)
         return out
 
-    def item_probs(self, history: Sequence[int]) -> np.ndarray:
-        """A proper distribution over all items: the normalised mix plus the uniform floor."""
-        s = self.scores(history)
+    def _distribution(self, s: np.ndarray) -> np.ndarray:
+        """A mix of scores as a proper distribution: normalised, plus the uniform floor."""
         total = s.sum()
         floor = self.settings.floor
         uniform = 1.0 / self.num_items
         return (1 - floor) * s / total + floor * uniform if total > 0 else np.full(self.num_items, uniform)
+
+    def item_probs(self, history: Sequence[int]) -> np.ndarray:
+        """A proper distribution over all items: the normalised mix plus the uniform floor."""
+        return self._distribution(self.scores(history))
 
     def held_out_log_probs(self, sequence: Sequence[int]) -> np.ndarray:
         """float64 [len(sequence) - 1]: log item_probs(sequence[:t])[sequence[t]] for t = 1.., with the
@@ -176,35 +196,17 @@ class TransitionPrior:
         already knows every pair it was counted from. (Popularity and the two-step term's
         P(next | item) keep the user's counts: both are small and second order.)"""
         ids = [int(i) for i in sequence]
-        own: dict[int, dict[int, dict[int, int]]] = {1: {}, 2: {}}
-        for gap in (1, 2):
-            for a, b in zip(ids[:-gap], ids[gap:]):
-                row = own[gap].setdefault(a, {})
-                row[b] = row.get(b, 0) + 1
-        w_last, w_skip, w_two = self.settings.weights
-        floor, n = self.settings.floor, self.num_items
-        out = np.empty(max(0, len(ids) - 1))
+        own = {gap: _counts(list(zip(ids[:-gap], ids[gap:], strict=True)), self.num_items) for gap in (1, 2)}
 
         def held_out_row(counts: sparse.csr_matrix, gap: int, item: int) -> np.ndarray:
-            row = counts[item].toarray().ravel()
-            for j, c in own[gap].get(item, {}).items():
-                row[j] = max(0.0, row[j] - c)  # >= 0 for a sequence the counts never saw, too
-            if self.settings.normalise_rows:
-                total = row.sum()
-                row = row / total if total > 0 else row
-            return row
+            # >= 0 for a sequence the counts never saw, too
+            return np.maximum(counts[item].toarray().ravel() - own[gap][item].toarray().ravel(), 0.0)
 
+        out = np.empty(max(0, len(ids) - 1))
         for t in range(1, len(ids)):
-            s = self.settings.popularity_weight * self.popularity
-            last = held_out_row(self.c1, 1, ids[t - 1])
-            s = s + w_last * last
-            if w_two:
-                s = s + w_two * (self.p1.T @ last)
-            if t >= 2 and w_skip:
-                s = s + w_skip * held_out_row(self.c_skip, 2, ids[t - 2])
-            total = s.sum()
-            p = (1 - floor) * s[ids[t]] / total + floor / n if total > 0 else 1.0 / n
-            out[t - 1] = math.log(p)
+            s = self._mix(held_out_row(self.c1, 1, ids[t - 1]),
+                          held_out_row(self.c_skip, 2, ids[t - 2]) if t >= 2 else None)
+            out[t - 1] = math.log(self._distribution(s)[ids[t]])
         return out
 
     def node_fusion(self, history: Sequence[int], trie: ItemTrie, exclude: Iterable[int] = (),

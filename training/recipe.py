@@ -378,8 +378,7 @@ def fit_prior(ids_bundle: Bundle, train: dict[str, list[str]], valid: Sequence[E
     prior_cfg = prior_cfg or {}
     if not prior_cfg.get("enabled", False):
         return None
-    # from_dict reads a missing normalise_rows as a bundle written before counts; a config means the default.
-    settings = PriorSettings.from_dict({"normalise_rows": PriorSettings.normalise_rows, **prior_cfg})
+    settings = PriorSettings.from_config(prior_cfg)
     if prior_cfg.get("tune_weights", True) and valid:
         tuned, ndcg = WeightedTransitionBaseline.tune(holdout_sequences(train, valid), valid)
         settings = replace(settings, weights=tuned["weights"], normalise_rows=tuned["normalise_rows"])
@@ -397,7 +396,7 @@ def fused_objective(align_cfg: dict[str, Any], prior: Any, tokenizer: Any, ids_b
     from training.sft import FusedObjective
 
     setting = align_cfg.get("fused_objective", False)
-    if setting is False or setting is None or setting == 0:
+    if not setting:
         return None
     if prior is None or prior.settings.fusion != "mixture":
         raise ValueError("align.fused_objective needs the collaborative prior with mixture fusion "

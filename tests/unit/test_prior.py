@@ -223,3 +223,9 @@ def test_settings_are_validated_on_construction(tmp_path: Path) -> None:
     (path / "prior.npz").unlink()
     with pytest.raises(BundleError, match="prior.npz is missing"):
         load_bundle(path, verify=False)
+
+
+def test_configs_take_todays_defaults_and_old_manifests_their_own() -> None:
+    assert PriorSettings.from_config({"enabled": True, "floor": 0.05}) == PriorSettings(floor=0.05)
+    old = PriorSettings.from_dict({"floor": 0.05})  # a manifest written before mixture and counts
+    assert old.fusion == "product" and old.normalise_rows
