@@ -6,7 +6,10 @@ counted in the training sequences carry the co-purchase signal that a small mode
 
     P(next | last item), P(item after next | second-to-last item), P(two steps on | last item)
 
-with a little popularity (the weighted-transitions baseline of ../shared/data/README.md), then
+with a little popularity (the weighted-transitions baseline of ../shared/data/README.md), plus,
+with `history_weight` > 0, the next-item counts of the history items before the last, each place
+further back weighted `history_decay` times less (what the whole history says, not just its last
+two items; tuned on valid on top of the baseline's terms, README "Collaborative prior"), then
 mixes in a uniform floor so that items never seen in training (3.5 % of amazon test targets) stay
 reachable. With `normalise_rows` False (the default) each term is a count instead of a
 probability (how often the pair was seen, not its share of the item's transitions), so a
@@ -40,6 +43,10 @@ from scipy import sparse
 
 from model_store.trie import ROOT, ItemTrie
 
+# How many of the latest history items the prior reads: the window the recipe trains the model on
+# and the length of the shared data's valid/test histories.
+HISTORY_SPAN = 10
+
 
 @dataclass(frozen=True)
 class PriorSettings:
@@ -48,6 +55,10 @@ class PriorSettings:
     # False: transition counts; True: each item's counts divided by its total, P(next | item).
     normalise_rows: bool = False
     popularity_weight: float = 1e-3
+    # Next-item counts of the items before the last: the item p places back (p >= 2) weighs
+    # history_weight * history_decay ** (p - 2). 0 keeps the weighted-transitions baseline's terms only.
+    history_weight: float = 0.0
+    history_decay: float = 0.5
     # Defaults chosen on amazon-industrial valid rows (README, "Collaborative prior").
     floor: float = 0.02  # share of uniform mass, so items without transitions stay reachable
     fusion: Literal["mixture", "product"] = "mixture"
@@ -61,6 +72,9 @@ class PriorSettings:
             raise ValueError(f"prior floor must be in (0, 1], got {self.floor}")
         if self.strength < 0:
             raise ValueError(f"prior strength must be >= 0, got {self.strength}")
+        if self.history_weight < 0 or not 0 <= self.history_decay <= 1:
+            raise ValueError(f"prior history_weight must be >= 0 and history_decay in [0, 1], got "
+                             f"{self.history_weight}, {self.history_decay}")
         if self.popularity_weight < 0:
             raise ValueError(f"prior popularity_weight must be >= 0, got {self.popularity_weight}")
         if self.fusion not in ("mixture", "product"):
@@ -73,8 +87,8 @@ class PriorSettings:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> PriorSettings:
-        known: dict[str, Any] = {k: float(raw[k]) for k in ("popularity_weight", "floor", "strength",
-                                                             "mixture_weight") if k in raw}
+        known: dict[str, Any] = {k: float(raw[k]) for k in ("popularity_weight", "floor", "strength", "mixture_weight",
+                                                             "history_weight", "history_decay") if k in raw}
         known["fusion"] = str(raw.get("fusion", "product"))  # bundles written before "mixture" existed
         known["normalise_rows"] = bool(raw.get("normalise_rows", True))  # ... and before counts existed
         weights = tuple(float(w) for w in raw.get("weights", cls.weights))
@@ -151,15 +165,23 @@ class TransitionPrior:
         return TransitionPrior(self.c1, self.c_skip, self.popularity, replace(self.settings, **changes))
 
     def scores(self, history: Sequence[int]) -> np.ndarray:
-        """The unnormalised transition mix (the weighted-transitions baseline's ranking score)."""
+        """The unnormalised transition mix (the weighted-transitions baseline's ranking score, plus
+        the earlier history's term when `history_weight` > 0)."""
         known = [int(i) for i in history if 0 <= int(i) < self.num_items]
         last = self.c1[known[-1]].toarray().ravel() if known else None
         skip = self.c_skip[known[-2]].toarray().ravel() if len(known) >= 2 else None
-        return self._mix(last, skip)
+        earlier = self.c1[self._earlier(known)].toarray() if self.settings.history_weight and len(known) >= 2 else None
+        return self._mix(last, skip, earlier)
 
-    def _mix(self, last: np.ndarray | None, skip: np.ndarray | None) -> np.ndarray:
-        """The weighted mix of the last item's transition counts and the second-to-last item's
-        skip counts (dense rows, None when the history is too short), by the settings."""
+    @staticmethod
+    def _earlier(known: Sequence[int]) -> list[int]:
+        """The items before the last, most recent first, within the history span."""
+        return list(known[-2::-1][: HISTORY_SPAN - 1])
+
+    def _mix(self, last: np.ndarray | None, skip: np.ndarray | None, earlier: np.ndarray | None = None) -> np.ndarray:
+        """The weighted mix of the last item's transition counts, the second-to-last item's skip
+        counts and the earlier items' transition counts (dense rows, most recent first; None when
+        the history is too short), by the settings."""
         w_last, w_skip, w_two = self.settings.weights
         out = self.settings.popularity_weight * self.popularity
 
@@ -174,6 +196,12 @@ class TransitionPrior:
                 out = out + w_two * (self.p1.T @ last)
         if skip is not None and w_skip:
             out = out + w_skip * scaled(skip)
+        if earlier is not None and len(earlier) and self.settings.history_weight:
+            if self.settings.normalise_rows:
+                totals = earlier.sum(axis=1, keepdims=True)
+                earlier = earlier / np.where(totals > 0, totals, 1)
+            coef = self.settings.history_weight * self.settings.history_decay ** np.arange(len(earlier))
+            out = out + coef @ earlier
         return out
 
     def _distribution(self, s: np.ndarray) -> np.ndarray:
@@ -204,8 +232,11 @@ class TransitionPrior:
 
         out = np.empty(max(0, len(ids) - 1))
         for t in range(1, len(ids)):
+            earlier = None
+            if self.settings.history_weight and t >= 2:
+                earlier = np.vstack([held_out_row(self.c1, 1, i) for i in self._earlier(ids[max(0, t - HISTORY_SPAN): t])])
             s = self._mix(held_out_row(self.c1, 1, ids[t - 1]),
-                          held_out_row(self.c_skip, 2, ids[t - 2]) if t >= 2 else None)
+                          held_out_row(self.c_skip, 2, ids[t - 2]) if t >= 2 else None, earlier)
             out[t - 1] = math.log(self._distribution(s)[ids[t]])
         return out
 

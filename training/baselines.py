@@ -93,6 +93,25 @@ class WeightedTransitionBaseline:
                         best = (ndcg, {"weights": model.weights, "normalise_rows": normalise})
         return best[1], best[0]
 
+    # (history_weight, history_decay) pairs tried on top of the tuned baseline; (0, _) is the baseline.
+    HISTORY_GRID = ((0.0, 0.5), (0.25, 0.5), (0.5, 0.5), (1.0, 0.5), (0.25, 0.8), (0.5, 0.8), (1.0, 0.8))
+
+    @classmethod
+    def tune_history(cls, cut_train: dict[str, list[str]], valid: Sequence[EvalRow], tuned: dict[str, Any],
+                     k: int = 10) -> tuple[dict[str, float], float]:
+        """The collaborative prior's extra term on top of the settings `tune` chose: the
+        {"history_weight", "history_decay"} (model_store.prior) with the best valid NDCG@k, and that
+        NDCG. Ties keep the baseline (weight 0), so the term is only added where valid asks for it."""
+        model = cls(cut_train, tuned["weights"], normalise_rows=tuned["normalise_rows"])
+        targets = [r.target for r in valid]
+        best: tuple[float, dict[str, float]] = (-1.0, {})
+        for weight, decay in cls.HISTORY_GRID:
+            model.prior = model.prior.with_settings(history_weight=weight, history_decay=decay)
+            ndcg = ranking_metrics([model.rank(r.history, k) for r in valid], targets, (k,))[f"NDCG@{k}"]
+            if ndcg > best[0]:
+                best = (ndcg, {"history_weight": weight, "history_decay": decay})
+        return best[1], best[0]
+
 
 class SASRec:
     """SASRec (Kang & McAuley 2018) as in ../shared/data/README.md: item and position embeddings, 2

@@ -3,7 +3,7 @@
     gream train --data DIR --out BUNDLE [--config tiny|small|FILE] [--stages align,reason,srpo]
                 [--max-minutes N] [--items ITEMS.jsonl] [--teacher-url URL]
     gream prior --bundle BUNDLE --data DIR --out NEW_BUNDLE [--fusion mixture|product] [--mixture-weight W]
-                [--strength S] [--floor F] [--holdout-valid]
+                [--strength S] [--floor F] [--holdout-valid] [--with-stages]
     gream eval --bundle BUNDLE --data DIR [--mode direct|reasoning|both] [--with-stages]
                [--prior both|off|only] [--report OUT.json] [--plot OUT.png]
 """
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -44,7 +45,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from training.backbone import load_bundle_model
     from training.baselines import baseline_rows
     from training.data import InteractionData
-    from training.evaluate import format_table
+    from training.evaluate import PRIOR_ALONE, format_table, prior_rankings, ranking_metrics
     from training.recipe import STAGE_LABELS, evaluate_modes, stage_bundle_paths
 
     if args.bundle is None and not args.baselines_only:
@@ -84,6 +85,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         base_train = holdout_sequences(data.train, data.valid)
     else:
         base_train = data.train
+    if bundle is not None and bundle.prior is not None and args.prior != "off":
+        # What the model adds: the same prior ranking on its own, as a baseline would.
+        metrics[PRIOR_ALONE] = ranking_metrics(prior_rankings(bundle, bundle.prior, rows), [r.target for r in rows])
     metrics.update(baseline_rows(base_train, rows, 10, valid=data.valid, sasrec=not args.no_sasrec))
     print(format_table({n: {k: v for k, v in m.items() if "@" in k} for n, m in metrics.items()}))
     report = {"bundle": bundle.version if bundle else None, "split": args.split, "rows": len(rows), "beams": args.beams, "modes": modes,
@@ -101,33 +105,55 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_prior(args: argparse.Namespace) -> int:
-    """A new bundle version with the collaborative prior refitted from DATA (same model and IDs)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from model_store.bundle import load_bundle, save_bundle
+    """A new bundle version with the collaborative prior refitted from DATA (same model and IDs); with
+    --with-stages, the recipe's stage snapshots get the same prior, so one eval compares every stage."""
+    from model_store.bundle import load_bundle
     from training.data import InteractionData
-    from training.recipe import fit_prior
+    from training.recipe import fit_prior, stage_bundle_paths
     from training.tasks import holdout_sequences
 
     bundle = load_bundle(args.bundle)
+    stages = stage_bundle_paths(bundle) if args.with_stages else {}
+    if args.with_stages and not stages:
+        _log(f"gream prior: {args.bundle} records no stage bundles (--with-stages needs a `gream train` bundle)")
+        return 2
     data = InteractionData.load(args.data)
     train = holdout_sequences(data.train, data.valid) if args.holdout_valid else data.train
-    # --strength alone asks for the product fusion it weights; otherwise the default fusion.
-    fusion = args.fusion or ("product" if args.strength is not None else PriorSettings().fusion)
+    # The bundle's own fusion settings stay unless given; --strength alone asks for the product fusion.
+    kept = {k: v for k, v in (bundle.prior.settings.to_dict() if bundle.prior else {}).items()
+            if k in ("fusion", "strength", "mixture_weight", "floor")}
+    fusion = args.fusion or ("product" if args.strength is not None else kept.get("fusion", PriorSettings().fusion))
     given = (("strength", args.strength), ("floor", args.floor), ("mixture_weight", args.mixture_weight))
-    cfg = {"enabled": True, "tune_weights": not args.no_tune, "fusion": fusion,
+    cfg = {**kept, "enabled": True, "tune_weights": not args.no_tune, "fusion": fusion,
            **{k: v for k, v in given if v is not None}}
     prior = fit_prior(bundle, train, data.valid, cfg, _log)
+    refit = {"data": str(args.data), "parent_bundle": bundle.version, "holdout_valid": args.holdout_valid}
+    stats = {**bundle.manifest.get("stats", {}), "prior_refit": refit}
+    if stages:
+        written = {stage: _with_prior(load_bundle(path), Path(f"{args.out}.stages") / stage, prior, refit,
+                                      args.overwrite) for stage, path in stages.items()}
+        stats["training"] = {**stats.get("training", {}),
+                             "stage_bundles": {s: os.path.relpath(p, args.out) for s, p in written.items()}}
+    path = _with_prior(bundle, Path(args.out), prior, refit, args.overwrite, stats)
+    print(json.dumps({"bundle": str(path), "prior": prior.settings.to_dict(),
+                      "stage_bundles": stats.get("training", {}).get("stage_bundles", {}) if stages else {}}, indent=2))
+    return 0
+
+
+def _with_prior(bundle: Any, out: Path, prior: Any, refit: dict[str, Any], overwrite: bool,
+                stats: dict[str, Any] | None = None) -> Path:
+    """`bundle` saved to `out` as a new version with `prior` in place of its own."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from model_store.bundle import save_bundle
+
     tokenizer = AutoTokenizer.from_pretrained(str(bundle.tokenizer_path), local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(str(bundle.model_path), local_files_only=True) \
         if bundle.has_model else None
-    stats = {**bundle.manifest.get("stats", {}), "prior_refit": {"data": str(args.data), "parent_bundle": bundle.version,
-                                                                  "holdout_valid": args.holdout_valid}}
-    path = save_bundle(args.out, items=bundle.items, codes=bundle.codes, codebooks=bundle.codebooks,
+    stats = stats if stats is not None else {**bundle.manifest.get("stats", {}), "prior_refit": refit}
+    return save_bundle(out, items=bundle.items, codes=bundle.codes, codebooks=bundle.codebooks,
                        id_format=bundle.id_format, tokenizer=tokenizer, model=model, popularity=bundle.popularity,
-                       settings=bundle.manifest.get("settings"), stats=stats, prior=prior, overwrite=args.overwrite)
-    print(json.dumps({"bundle": str(path), "prior": prior.settings.to_dict()}, indent=2))
-    return 0
+                       settings=bundle.manifest.get("settings"), stats=stats, prior=prior, overwrite=overwrite)
 
 
 def _floats(text: str | None) -> list[float]:
@@ -172,15 +198,21 @@ def add_training_commands(sub: argparse._SubParsersAction) -> None:
     pr.add_argument("--data", required=True, help="folder with train.jsonl and valid.jsonl")
     pr.add_argument("--out", required=True, help="bundle folder to write")
     pr.add_argument("--fusion", choices=["mixture", "product"], default=None,
-                    help=f"how decoding fuses the prior with the model (default {PriorSettings().fusion})")
+                    help="how decoding fuses the prior with the model (default: the bundle's, else "
+                         f"{PriorSettings().fusion})")
     pr.add_argument("--mixture-weight", type=float, default=None,
-                    help=f"mixture fusion: the prior's share (default {PriorSettings().mixture_weight:g})")
+                    help="mixture fusion: the prior's share (default: the bundle's, else "
+                         f"{PriorSettings().mixture_weight:g})")
     pr.add_argument("--strength", type=float, default=None,
-                    help=f"product fusion: weight of log p_prior (default {PriorSettings().strength:g})")
+                    help="product fusion: weight of log p_prior (default: the bundle's, else "
+                         f"{PriorSettings().strength:g})")
     pr.add_argument("--floor", type=float, default=None,
-                    help=f"uniform share of the prior's mass (default {PriorSettings().floor:g})")
+                    help="uniform share of the prior's mass (default: the bundle's, else "
+                         f"{PriorSettings().floor:g})")
     pr.add_argument("--no-tune", action="store_true", help="keep the default transition weights")
     pr.add_argument("--holdout-valid", action="store_true", help="count on train cut before the valid rows")
+    pr.add_argument("--with-stages", action="store_true",
+                    help="give the recipe's stage bundles the same prior (written to OUT.stages/)")
     pr.add_argument("--overwrite", action="store_true")
     pr.set_defaults(func=cmd_prior)
 

@@ -7,6 +7,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 from tqdm.auto import tqdm
 
 from model_store import tokens
@@ -41,6 +42,19 @@ def prior_biases(bundle: Bundle, prior: TransitionPrior | None, rows: Sequence[E
         return None
     return [prior.node_fusion([bundle.index_of[i] for i in r.history if i in bundle.index_of], bundle.trie)
             for r in rows]
+
+
+PRIOR_ALONE = "collaborative prior alone"
+
+
+def prior_rankings(bundle: Bundle, prior: TransitionPrior, rows: Sequence[EvalRow], k: int = 10) -> list[list[str]]:
+    """Top-k item ids per row by the prior's scores alone (no model; history items not excluded)."""
+    ranked = []
+    for r in rows:
+        s = prior.item_probs([bundle.index_of[i] for i in r.history if i in bundle.index_of])
+        top = np.argpartition(-s, k)[:k]
+        ranked.append([bundle.items[i].item_id for i in top[np.argsort(-s[top], kind="stable")]])
+    return ranked
 
 
 def model_rankings(decoder: Any, bundle: Bundle, rows: Sequence[EvalRow], k: int = 10, beams: int = 20,

@@ -380,10 +380,16 @@ def fit_prior(ids_bundle: Bundle, train: dict[str, list[str]], valid: Sequence[E
         return None
     settings = PriorSettings.from_config(prior_cfg)
     if prior_cfg.get("tune_weights", True) and valid:
-        tuned, ndcg = WeightedTransitionBaseline.tune(holdout_sequences(train, valid), valid)
+        cut = holdout_sequences(train, valid)
+        tuned, ndcg = WeightedTransitionBaseline.tune(cut, valid)
         settings = replace(settings, weights=tuned["weights"], normalise_rows=tuned["normalise_rows"])
         log(f"[prior] transition weights {list(tuned['weights'])}, "
             f"{'per-item probabilities' if tuned['normalise_rows'] else 'counts'} (valid NDCG@10 {ndcg:.4f} alone)")
+        if prior_cfg.get("tune_history", True):
+            history, ndcg = WeightedTransitionBaseline.tune_history(cut, valid, tuned)
+            settings = replace(settings, **history)
+            log(f"[prior] earlier history items weight {history['history_weight']:g}, decay "
+                f"{history['history_decay']:g} (valid NDCG@10 {ndcg:.4f} alone)")
     index = ids_bundle.index_of
     return TransitionPrior.fit(([index[i] for i in seq if i in index] for seq in train.values()),
                                len(ids_bundle.items), settings)

@@ -64,7 +64,8 @@ def test_train_then_serve_then_eval(tmp_path: Path, capsys: pytest.CaptureFixtur
             "+SRPO (reasoning)", "popularity", "last-item transitions"} <= set(metrics)
     # The bundle ships the collaborative prior; eval reports each stage fused with it as well.
     assert bundle.prior is not None and bundle.prompt_history == SMOKE_CONFIG.get("align", {}).get("max_history", 10)
-    assert {"SFT +prior (direct)", "+SRPO +prior (direct)", "+SRPO +prior (reasoning)"} <= set(metrics)
+    assert {"SFT +prior (direct)", "+SRPO +prior (direct)", "+SRPO +prior (reasoning)",
+            "collaborative prior alone"} <= set(metrics)
     assert plot.stat().st_size > 5000 and plot.read_bytes()[:4] == b"\x89PNG"
 
     # Refit the prior into a new version (same model), then tune it on valid rows.
@@ -74,6 +75,17 @@ def test_train_then_serve_then_eval(tmp_path: Path, capsys: pytest.CaptureFixtur
     again = load_bundle(refit)
     assert again.prior is not None and again.version != bundle.version
     assert (again.prior.settings.fusion, again.prior.settings.strength) == ("product", 0.5)  # --strength: product
+    # --with-stages gives every stage snapshot the refitted prior; the bundle's fusion stays when not given.
+    staged = tmp_path / "staged"
+    assert main(["prior", "--bundle", str(refit), "--data", str(data), "--out", str(staged), "--with-stages"]) == 0
+    capsys.readouterr()
+    from training.recipe import stage_bundle_paths
+
+    staged_bundle = load_bundle(staged)
+    assert staged_bundle.prior is not None and staged_bundle.prior.settings == again.prior.settings
+    snapshots = stage_bundle_paths(staged_bundle)
+    assert set(snapshots) == {"align", "reason", "srpo"} and all(p.parent == Path(f"{staged}.stages") for p in snapshots.values())
+    assert all(load_bundle(p).prior.settings == again.prior.settings for p in snapshots.values())
     assert main(["eval", "--bundle", str(refit), "--data", str(data), "--split", "valid", "--limit", "8",
                  "--no-sasrec", "--prior-strengths", "0.5,2", "--prior-mixtures", "0.7", "--report", str(report)]) == 0
     tuned = json.loads(report.read_text())

@@ -20,10 +20,11 @@ from training.tasks import sequential_examples
 SEQS = [[0, 1, 2], [0, 1, 3], [1, 2, 4], [3, 4], [0, 2, 4]]
 
 
-@pytest.mark.parametrize("normalise", [False, True])
-def test_held_out_log_probs_are_the_prior_without_that_sequence(normalise: bool) -> None:
+@pytest.mark.parametrize("normalise,history_weight", [(False, 0.0), (True, 0.0), (False, 0.5), (True, 0.5)])
+def test_held_out_log_probs_are_the_prior_without_that_sequence(normalise: bool, history_weight: float) -> None:
     # No popularity and no two-step term: those keep the user's counts (see the docstring).
-    settings = PriorSettings(weights=(1.0, 0.5, 0.0), popularity_weight=0.0, floor=0.05, normalise_rows=normalise)
+    settings = PriorSettings(weights=(1.0, 0.5, 0.0), popularity_weight=0.0, floor=0.05, normalise_rows=normalise,
+                             history_weight=history_weight)
     user = [0, 1, 2, 4]
     everyone = TransitionPrior.fit([*SEQS, user], 6, settings)
     others = TransitionPrior.fit(SEQS, 6, settings)

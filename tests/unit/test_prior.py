@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from model_store.bundle import BundleError, load_bundle, save_bundle
-from model_store.prior import PriorSettings, TransitionPrior
+from model_store.prior import HISTORY_SPAN, PriorSettings, TransitionPrior
 from model_store.testing import make_tiny_bundle
 from service.engine.beam import StackedFusion, TrieBeamSearch, request_bias, stack_biases
 
@@ -38,6 +38,35 @@ def test_scores_mix_last_skip_and_two_step(normalise: bool) -> None:
     skip = skip_m[0].toarray().ravel()
     np.testing.assert_allclose(s, last + 0.5 * skip + 0.25 * two)
     assert prior.scores([]).sum() == 0  # no history, no popularity weight: nothing to say
+
+
+@pytest.mark.parametrize("normalise", [True, False])
+def test_history_term_adds_the_earlier_items_next_counts(normalise: bool) -> None:
+    prior = TransitionPrior.fit(SEQS, 6, PriorSettings(weights=(1.0, 0.5, 0.0), popularity_weight=0.0,
+                                                       normalise_rows=normalise))
+    deep = prior.with_settings(history_weight=0.5, history_decay=0.25)
+    first = prior.p1 if normalise else prior.c1
+    history = [3, 0, 1]  # before the last item 1: item 0 one place back, item 3 two places back
+    expected = prior.scores(history) + 0.5 * first[0].toarray().ravel() + 0.5 * 0.25 * first[3].toarray().ravel()
+    np.testing.assert_allclose(deep.scores(history), expected)
+    assert deep.scores(history)[4] > prior.scores(history)[4]  # 3 -> 4, two places back, now counts
+    np.testing.assert_allclose(deep.scores([1]), prior.scores([1]))  # nothing before the last item
+
+
+def test_history_term_reads_the_latest_history_span_items() -> None:
+    prior = TransitionPrior.fit(SEQS, 6, PriorSettings(popularity_weight=0.0, history_weight=1.0, history_decay=1.0))
+    inside, beyond = [0] + [5] * (HISTORY_SPAN - 1), [0] + [5] * HISTORY_SPAN  # item 5 follows nothing
+    assert prior.scores(inside)[1] > 0  # 0 -> 1, the oldest item of the span
+    assert prior.scores(beyond)[1] == 0
+
+
+def test_settings_round_trip_and_old_manifests_have_no_history_term() -> None:
+    settings = PriorSettings(history_weight=0.5, history_decay=0.8)
+    assert PriorSettings.from_dict(settings.to_dict()) == settings
+    old = {k: v for k, v in PriorSettings().to_dict().items() if not k.startswith("history_")}
+    assert PriorSettings.from_dict(old).history_weight == 0.0
+    with pytest.raises(ValueError, match="history_decay"):
+        PriorSettings(history_decay=1.5)
 
 
 def test_counts_let_the_better_attested_transition_win() -> None:

@@ -52,6 +52,20 @@ def test_weighted_transitions_tune_picks_the_weights_valid_rewards() -> None:
                            (5,))["NDCG@5"] < ndcg
 
 
+def test_history_term_is_tuned_on_valid_and_kept_off_when_it_does_not_help() -> None:
+    tuned = {"weights": (1.0, 0.0, 0.0), "normalise_rows": False}
+    # After [a, c] the last item says d; only the earlier a (a -> b, three times) points at b.
+    wants_b = [EvalRow("v", ["a", "c"], "b")] * 3
+    history, ndcg = WeightedTransitionBaseline.tune_history(TRAIN, wants_b, tuned, k=5)
+    assert history["history_weight"] > 0
+    assert ndcg > WeightedTransitionBaseline.tune_history(TRAIN, wants_b, tuned, k=5)[1] - 1e-12  # deterministic
+    baseline = WeightedTransitionBaseline(TRAIN, tuned["weights"])
+    assert "b" not in baseline.rank(["a", "c"], 2)  # d, then the back-off
+    # Where the last item is right, a tie keeps the baseline's terms alone.
+    wants_d = [EvalRow("v", ["a", "c"], "d")] * 3
+    assert WeightedTransitionBaseline.tune_history(TRAIN, wants_d, tuned, k=5)[0]["history_weight"] == 0.0
+
+
 @pytest.mark.parametrize("group", [True, False])
 def test_epoch_batches_cover_every_example_once(group: bool) -> None:
     lengths = [random.Random(i).randint(5, 200) for i in range(1000)]
