@@ -106,12 +106,14 @@ PRESETS: dict[str, dict[str, Any]] = {
         "srpo": {"steps": 2500, "group_size": 8, "prompts_per_step": 16, "lr": 5e-5, "kl_coef": 0.04,
                  "mode": "direct"},
         # Collaborative prior fused into decoding (model_store.prior); transition weights (and counts or
-        # probabilities) tuned on valid against train cut before the valid rows, as the weighted-
-        # transitions baseline is. Fusion chosen on valid rows with a model trained on the cut train
-        # (holdout_valid, align only, 10 min): with the count prior the mixture at prior weights
-        # 0.5 / 0.6 / 0.7 / 0.8 / 0.9 gave NDCG@10 0.0948 / 0.0957 / 0.0958 / 0.0962 / 0.0966 (HR@10
-        # 0.1176 at 0.9), the product 0.0931 / 0.0943 at strengths 2 / 4, weighted transitions 0.0963.
-        "prior": {"enabled": True, "fusion": "mixture", "mixture_weight": 0.9, "floor": 0.02, "tune_weights": True},
+        # probabilities), then the earlier-history term, tuned on valid against train cut before the
+        # valid rows, as the weighted-transitions baseline is. Fusion chosen on valid rows with a model
+        # trained on the cut train (holdout_valid, align only, 10 min): with the prior's history term
+        # the mixture at prior weights 0.7 / 0.8 / 0.9 / 0.95 gave NDCG@10 0.0966 / 0.0975 / 0.0983 /
+        # 0.0985 (HR@10 0.1222 / 0.1222 / 0.1229 / 0.1222), the prior alone 0.0986, weighted
+        # transitions 0.0963; without the term (the count prior), 0.5-0.9 gave 0.0948-0.0966 and the
+        # product 0.0931 / 0.0943 at strengths 2 / 4.
+        "prior": {"enabled": True, "fusion": "mixture", "mixture_weight": 0.95, "floor": 0.02, "tune_weights": True},
         "eval": {"valid_rows": 1000, "reasoning_rows": 300, "beams": 20, "reasoning_tokens": 256},
         "budget": {"align": 0.55, "reason": 0.25, "srpo": 0.2, "eval_reserve": 0.1},
         "holdout_valid": False,
