@@ -35,7 +35,9 @@ def plot_report(metrics: dict[str, dict[str, float]], out: str | Path, metric_na
         values = [metrics[name].get(m, float("nan")) for m in metric_names]
         color = cmap(i) if name in models else ("#bbbbbb" if i % 2 else "#888888")
         hatch = "//" if "reasoning" in name else None
-        bars = ax.bar(x + (i - (len(names) - 1) / 2) * width, values, width, label=name, color=color, hatch=hatch,
+        # Rows measured on fewer rows than the rest (reasoning mode's --reasoning-limit) say so.
+        label = f"{name} [{int(metrics[name]['rows']):,} rows]" if "rows" in metrics[name] else name
+        bars = ax.bar(x + (i - (len(names) - 1) / 2) * width, values, width, label=label, color=color, hatch=hatch,
                       edgecolor="black", linewidth=0.4)
         for bar, v in zip(bars, values, strict=True):
             ax.annotate(f"{v:.3f}", (bar.get_x() + bar.get_width() / 2, v), ha="center", va="bottom", fontsize=6,
