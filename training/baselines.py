@@ -9,14 +9,13 @@ from collections.abc import Sequence
 from itertools import pairwise
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from model_store.prior import PriorSettings, TransitionPrior
 from training.data import EvalRow
-from training.evaluate import ranking_metrics
+from training.evaluate import ranking_metrics, top_k_indices
 
 
 def popularity_ranking(train: dict[str, list[str]], k: int) -> list[str]:
@@ -71,9 +70,7 @@ class WeightedTransitionBaseline:
         return self.prior.scores([self.index[i] for i in history if i in self.index])
 
     def rank(self, history: Sequence[str], k: int) -> list[str]:
-        s = self.scores(history)
-        top = np.argpartition(-s, k)[:k]
-        return [self.items[i] for i in top[np.argsort(-s[top], kind="stable")]]
+        return [self.items[i] for i in top_k_indices(self.scores(history), k)]
 
     @classmethod
     def tune(cls, cut_train: dict[str, list[str]], valid: Sequence[EvalRow], k: int = 10

@@ -128,21 +128,21 @@ def cmd_prior(args: argparse.Namespace) -> int:
            **{k: v for k, v in given if v is not None}}
     prior = fit_prior(bundle, train, data.valid, cfg, _log)
     refit = {"data": str(args.data), "parent_bundle": bundle.version, "holdout_valid": args.holdout_valid}
+    snapshots = {stage: os.path.relpath(_with_prior(load_bundle(path), Path(f"{args.out}.stages") / stage, prior,
+                                                    refit, args.overwrite), args.out)
+                 for stage, path in stages.items()}
     stats = {**bundle.manifest.get("stats", {}), "prior_refit": refit}
-    if stages:
-        written = {stage: _with_prior(load_bundle(path), Path(f"{args.out}.stages") / stage, prior, refit,
-                                      args.overwrite) for stage, path in stages.items()}
-        stats["training"] = {**stats.get("training", {}),
-                             "stage_bundles": {s: os.path.relpath(p, args.out) for s, p in written.items()}}
+    if snapshots:
+        stats["training"] = {**stats.get("training", {}), "stage_bundles": snapshots}
     path = _with_prior(bundle, Path(args.out), prior, refit, args.overwrite, stats)
-    print(json.dumps({"bundle": str(path), "prior": prior.settings.to_dict(),
-                      "stage_bundles": stats.get("training", {}).get("stage_bundles", {}) if stages else {}}, indent=2))
+    print(json.dumps({"bundle": str(path), "prior": prior.settings.to_dict(), "stage_bundles": snapshots}, indent=2))
     return 0
 
 
 def _with_prior(bundle: Any, out: Path, prior: Any, refit: dict[str, Any], overwrite: bool,
                 stats: dict[str, Any] | None = None) -> Path:
-    """`bundle` saved to `out` as a new version with `prior` in place of its own."""
+    """`bundle` saved to `out` as a new version with `prior` in place of its own; its manifest stats
+    gain `prior_refit` unless `stats` replaces them."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from model_store.bundle import save_bundle

@@ -47,14 +47,16 @@ def prior_biases(bundle: Bundle, prior: TransitionPrior | None, rows: Sequence[E
 PRIOR_ALONE = "collaborative prior alone"
 
 
+def top_k_indices(scores: np.ndarray, k: int) -> np.ndarray:
+    """The indices of the k highest scores, best first (ties in index order)."""
+    top = np.argpartition(-scores, k)[:k]
+    return top[np.argsort(-scores[top], kind="stable")]
+
+
 def prior_rankings(bundle: Bundle, prior: TransitionPrior, rows: Sequence[EvalRow], k: int = 10) -> list[list[str]]:
     """Top-k item ids per row by the prior's scores alone (no model; history items not excluded)."""
-    ranked = []
-    for r in rows:
-        s = prior.item_probs([bundle.index_of[i] for i in r.history if i in bundle.index_of])
-        top = np.argpartition(-s, k)[:k]
-        ranked.append([bundle.items[i].item_id for i in top[np.argsort(-s[top], kind="stable")]])
-    return ranked
+    return [[bundle.items[i].item_id for i in top_k_indices(
+        prior.item_probs([bundle.index_of[i] for i in r.history if i in bundle.index_of]), k)] for r in rows]
 
 
 def model_rankings(decoder: Any, bundle: Bundle, rows: Sequence[EvalRow], k: int = 10, beams: int = 20,
