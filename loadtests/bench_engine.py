@@ -5,12 +5,13 @@ Rows, each at concurrency 1 and 32:
                  prefix_allowed_tokens_fn=<dict trie>)`, the decoding in GREAM's and MiniOneRec's code
                  (concurrency 32 = batches of 32 prompts);
   (b) transformers decoders: HFTrieDecoder and the engine's default (SharedPrefixDecoder for
-      Llama-family models); concurrency 32 = batches of 32;
+      Llama-family models), called directly; concurrency 32 = batches of 32;
   (c) vllm       VLLMEngine (AsyncLLM in-process; 32 requests in flight);
   (d) gateway    the HTTP gateway (`python -m service.cli serve`, uvicorn in a subprocess) in front of the
                  faster of (b)/(c) at concurrency 32, driven over real sockets by a load generator in a
                  process of its own (LoadGenerator), measured in time windows (run_window) as wrk and
-                 locust measure: requests completed per second of steady state.
+                 locust measure: requests completed per second of steady state; paired with its bare
+                 engine (the same engine, settings and callers in this process, without HTTP).
 For each row: requests/s, p50/p99 latency, the ratio of requests/s to (a) at the same concurrency, and
 the fraction of requests whose top-10 items (same items, same order) equal (a)'s.
 
@@ -22,7 +23,9 @@ that catalog, otherwise random histories of the bundle's own items.
 All rows use the same dtype (--dtype fp32|bf16). Engines run one after another (never two at once),
 taking turns on `--rounds` slices of the requests, so that this noisy machine's slow minutes are
 shared by all rows; the gateway takes turns the same way with the bare engine it runs (`--window`
-seconds each), and its overhead is read against that paired row.
+seconds each: the same engine class and settings, built by the same factory, in this process and
+driven by the same closed loop of callers without HTTP), and its overhead is read against that
+paired row.
 """
 
 from __future__ import annotations
@@ -190,18 +193,6 @@ async def run_window(name: str, fn: Callable[[int], Awaitable[list[Any]]], indic
     return Row(name, concurrency, lat, window_s, [results[s] for s in range(len(order))])
 
 
-def run_for(seconds: float, name: str, fn: Callable[[Sequence[str]], list[list[int]]], prompts: Sequence[str],
-            batch: int) -> Row:
-    """run_batches over `prompts` again and again for at least `seconds` (the gateway's paired rounds
-    last as long as its windows); the results are the first pass's, one per prompt."""
-    row = run_batches(name, fn, prompts, batch)
-    while row.wall_s < seconds:
-        again = run_batches(name, fn, prompts, batch)
-        again.results = []
-        row.add(again)
-    return row
-
-
 def rounds_of(n: int, rounds: int) -> list[range]:
     """`rounds` consecutive slices of 0..n-1 (engines take turns on them, so a slow minute of this
     noisy machine is shared by every engine instead of landing on one row)."""
@@ -302,27 +293,63 @@ async def bench_vllm(bundle: Any, prompts: Sequence[str], dtype: str, concurrenc
     return rows
 
 
+def engine_settings(bundle_dir: Path, env: dict[str, str]) -> Any:
+    """The Settings a gateway started with the environment `env` runs its engine with."""
+    from service.config import Settings
+
+    fields = {key[len("GREAM_"):].lower(): value for key, value in env.items() if key.startswith("GREAM_")}
+    known = {name: value for name, value in fields.items() if name in Settings.model_fields}
+    return Settings(_env_file=None, **{**known, "bundle": bundle_dir})
+
+
+def engine_label(engine: Any) -> str:
+    """What runs behind the gateway, as a row name: the engine class and, for the in-process
+    transformers engine, its workers and threads."""
+    label = f"{engine.name} engine ({type(engine).__name__}"
+    if hasattr(engine, "workers"):
+        label += f", {engine.workers} worker(s) x {engine.torch_threads} torch thread(s)"
+    return label + ")"
+
+
 async def bench_gateway(bundle_dir: Path, bundle: Any, histories: Sequence[Sequence[int]], engine: str,
                         dtype: str, concurrencies: Sequence[int], ready_timeout_s: float = 600,
                         extra_env: dict[str, str] | None = None, rounds: int = 1, window_s: float = 3.0,
-                        paired: tuple[str, Callable[[Sequence[str]], list[list[int]]], Sequence[str]] | None = None
-                        ) -> list[Row]:
-    """The gateway's rows; with `paired` (name, bare engine, prompts) also that engine's rows measured
-    in the same rounds, taking turns with the gateway (the overhead is the ratio of the two)."""
+                        ) -> list[tuple[Row, Row]]:
+    """(bare engine, gateway) rows per concurrency. The bare engine is the gateway's own model runtime
+    (built from the same settings by the same factory, always in-process: a gateway that runs it in a
+    child process is charged for that too) in this process, driven by the same closed loop of callers
+    without HTTP; the two take turns, round by round, so the overhead is the ratio of the two."""
     import httpx
+
+    from model_store.tokens import direct_prompt
+    from service.engine.base import EngineRequest
+    from service.engine.factory import create_local_engine
 
     port = free_port()
     env = {**os.environ, "GREAM_DTYPE": DTYPES[dtype], "GREAM_LOG_LEVEL": "warning", "GREAM_QUEUE_MAX": "4096",
-           "GREAM_DEFAULT_BEAMS": str(BEAMS), "GREAM_MAX_BATCH": "32", **(extra_env or {})}
+           "GREAM_DEFAULT_BEAMS": str(BEAMS), "GREAM_MAX_BATCH": "32", "GREAM_ENGINE": engine, **(extra_env or {})}
     env.pop("GREAM_REDIS_URL", None)  # the embedded in-memory history store: requests carry histories
+    settings = engine_settings(bundle_dir, env)
+    bare_engine = create_local_engine(settings, bundle)
+    use_prior = settings.use_prior and bundle.prior is not None
+    prompts = [direct_prompt([bundle.spelled_id(i) for i in h]) for h in histories]
+
+    async def bare_one(i: int) -> list[int]:  # what the gateway's recommender asks its engine
+        items = await bare_engine.recommend(EngineRequest(f"bare-{i}", prompts[i], K,
+                                                          history=tuple(histories[i]) if use_prior else None))
+        return [it.index for it in items]
+
     cmd = [sys.executable, "-m", "service.cli", "serve", "--bundle", str(bundle_dir), "--host", "127.0.0.1",
            "--port", str(port), "--engine", engine]
     log_file = tempfile.NamedTemporaryFile(prefix="bench-gateway-", suffix=".log", delete=False)  # noqa: SIM115
     proc = subprocess.Popen(cmd, cwd=str(ROOT), env=env, stdout=log_file,  # noqa: ASYNC220 (before timing)
                             stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
-    rows: list[Row] = []
+    pairs: list[tuple[Row, Row]] = []
     try:
+        await bare_engine.start()
+        label = engine_label(bare_engine)
+        await run_window("warm-up", bare_one, range(min(8, len(prompts))), 8, 0.5, progress=False)
         async with httpx.AsyncClient(base_url=base, timeout=120) as client:
             deadline = time.monotonic() + ready_timeout_s
             while True:
@@ -339,16 +366,14 @@ async def bench_gateway(bundle_dir: Path, bundle: Any, histories: Sequence[Seque
                 await asyncio.sleep(1.0)
             bodies = [json.dumps({"history": [bundle.items[i].item_id for i in h], "k": K, "exclude_seen": False})
                       for h in histories]
-            where = " (child process)" if env.get("GREAM_ENGINE_PROCESS", "").lower() in ("1", "true") else ""
             with LoadGenerator(port, bodies) as loadgen:
                 loadgen.run(range(min(8, len(bodies))), 8, 0.5)  # warm-up
                 for c in concurrencies:
-                    row = Row(f"gateway: HTTP -> {engine}{where}", c, [], 0.0)
-                    bare = Row(f"{paired[0]}, taking turns with the gateway", c, [], 0.0) if paired else None
+                    row = Row(f"gateway: HTTP -> {label}", c, [], 0.0)
+                    bare = Row(f"{label}, in-process, taking turns with the gateway", c, [], 0.0)
                     before, cpu = await batch_totals(client), 0.0
                     for part in rounds_of(len(bodies), rounds):
-                        if paired is not None and bare is not None:
-                            bare.add(run_for(window_s, bare.engine, paired[1], [paired[2][i] for i in part], c))
+                        bare.add(await run_window("bare engine", bare_one, part, c, window_s))
                         measured, cpu_s = loadgen.run(part, c, window_s)
                         measured.results = [[bundle.index_of[i] for i in items] for items in measured.results]
                         row.add(measured)
@@ -357,12 +382,13 @@ async def bench_gateway(bundle_dir: Path, bundle: Any, histories: Sequence[Seque
                     row.note = f"client used {cpu / row.wall_s:.2f} cores"
                     after = await batch_totals(client)
                     if after[1] > before[1]:
-                        served, batches, busy = (a - b for a, b in zip(after, before, strict=True))
-                        # Busy seconds per request times requests/s: the share of the time the engine
-                        # was decoding (what is left is time it waited for the HTTP side).
+                        served, batches, busy = (a - b for a, b in zip(after[:3], before[:3], strict=True))
+                        # Busy seconds per request times requests/s, per worker: the share of the time
+                        # the engine's workers were decoding (the rest they waited for the HTTP side).
                         row.note += (f", mean engine batch {served / batches:.1f}, engine busy "
-                                     f"{busy / served * row.rps:.0%} ({1000 * busy / served:.2f} ms/request)")
-                    rows += [r for r in (bare, row) if r is not None]
+                                     f"{busy / served * row.rps / max(1.0, after[3]):.0%} "
+                                     f"({1000 * busy / served:.2f} worker-ms/request)")
+                    pairs.append((bare, row))
     finally:
         proc.terminate()
         try:
@@ -371,7 +397,8 @@ async def bench_gateway(bundle_dir: Path, bundle: Any, histories: Sequence[Seque
             proc.kill()
             proc.wait()
         log_file.close()
-    return rows
+        await bare_engine.close()
+    return pairs
 
 
 class LoadGenerator:
@@ -485,12 +512,15 @@ class KeepAliveClient:
         self._idle.clear()
 
 
-async def batch_totals(client: Any) -> tuple[float, float, float]:
-    """(requests, batches, busy seconds) of the gateway's engine so far, from its Prometheus metrics."""
+async def batch_totals(client: Any) -> tuple[float, float, float, float]:
+    """(requests, batches, busy worker-seconds, workers) of the gateway's engine so far, from its
+    Prometheus metrics."""
     text = (await client.get("/metrics")).text
     values = dict(re.findall(r"^gream_engine_batch_size_(sum|count) (\S+)$", text, flags=re.MULTILINE))
     busy = re.search(r"^gream_engine_busy_seconds_total (\S+)$", text, flags=re.MULTILINE)
-    return float(values.get("sum", 0)), float(values.get("count", 0)), float(busy.group(1)) if busy else 0.0
+    workers = re.search(r"^gream_engine_workers (\S+)$", text, flags=re.MULTILINE)
+    return (float(values.get("sum", 0)), float(values.get("count", 0)), float(busy.group(1)) if busy else 0.0,
+            float(workers.group(1)) if workers else 1.0)
 
 
 # ------------------------------------------------------------------------------------------ report
@@ -534,8 +564,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--window", type=float, default=3.0,
                         help="seconds of each gateway round (after 0.5 s of warm-up), and of its paired bare round")
     parser.add_argument("--threads", type=int, default=None,
-                        help="torch threads of every engine, the gateway's included (default: torch's choice, "
-                             "all cores); fewer than the cores leaves the gateway's HTTP loop a core of its own")
+                        help="torch threads of every engine (default: torch's choice, all cores); for the "
+                             "gateway's transformers engine and its bare twin, threads per worker "
+                             "(GREAM_TORCH_THREADS)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--loadgen", type=int, default=None, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -563,7 +594,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     rows: list[Row] = []
     refs: dict[int, Row] = {}
-    default_decoder: tuple[str, Callable[[Sequence[str]], list[list[int]]]] | None = None
+    pairs: list[tuple[Row, Row]] = []
     if engines & {"reference", "hf"}:
         from service.engine.hf_decoder import HFTrieDecoder
 
@@ -588,7 +619,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                             for items in dec.topk(chunk, [K] * len(chunk), [BEAMS] * len(chunk))]
 
                 sync[name] = hf
-            default_decoder = (name, hf)  # the last one: what the gateway's transformers engine runs
         for fn in sync.values():
             fn(prompts[:2])  # warm-up
         for c in concurrencies:
@@ -609,24 +639,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                      if r.concurrency == top and r.engine.startswith(("vllm", "transformers"))}
             gateway_engine = max(cands, key=cands.get) if cands else "transformers"
         extra_env = dict(kv.split("=", 1) for kv in args.gateway_env)
-        paired = (*default_decoder, prompts) if default_decoder and gateway_engine == "transformers" else None
-        rows += asyncio.run(bench_gateway(bundle_dir, bundle, histories, gateway_engine, args.dtype, concurrencies,
-                                          extra_env=extra_env, rounds=args.rounds, window_s=args.window,
-                                          paired=paired))
+        pairs = asyncio.run(bench_gateway(bundle_dir, bundle, histories, gateway_engine, args.dtype, concurrencies,
+                                          extra_env=extra_env, rounds=args.rounds, window_s=args.window))
+        rows += [row for pair in pairs for row in pair]
 
     print()
     print(table(rows, refs))
-    for r in rows:
-        if r.engine.startswith("gateway"):
-            same = [b for b in rows if b.concurrency == r.concurrency and b.engine.startswith(
-                "vllm" if r.engine.endswith("vllm") else "transformers")]
-            # The gateway's transformers engine runs the default decoder: compare with that row, best
-            # the one measured taking turns with the gateway.
-            same.sort(key=lambda b: ("taking turns" not in b.engine, "engine default" not in b.engine))
-            if same:
-                share = r.rps / same[0].rps if same[0].rps > 0 else float("nan")
-                print(f"gateway at concurrency {r.concurrency}: {share * 100:.0f} % of the bare engine's req/s "
-                      f"({same[0].engine}; target >= 87 %, i.e. <= 15 % overhead)")
+    for bare, gateway in pairs:
+        share = gateway.rps / bare.rps if bare.rps > 0 else float("nan")
+        latency = gateway.pct(50) / bare.pct(50) if bare.pct(50) > 0 else float("nan")
+        print(f"gateway at concurrency {gateway.concurrency}: {share * 100:.0f} % of its bare engine's req/s, "
+              f"p50 x{latency:.2f} (target: >= 87 % of the req/s, i.e. <= 15 % overhead)")
     if args.json:
         out = [{"engine": r.engine, "concurrency": r.concurrency, "rps": round(r.rps, 3),
                 "p50_ms": round(r.pct(50), 2), "p99_ms": round(r.pct(99), 2),

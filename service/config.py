@@ -82,7 +82,10 @@ class Settings(BaseSettings):
     batch_wait_max_ms: float = Field(50.0, ge=0, description="longest wait for a batch to fill, in all")
     max_concurrent_reasoning: int = Field(16, ge=1)
     reasoning_temperature: float = Field(0.0, ge=0, description="0 = greedy")
-    torch_threads: int | None = Field(None, ge=1)
+    engine_workers: int | None = Field(None, ge=1, description="decode workers of the transformers engine, each "
+                                      "running its own batches; unset = 2 where there are two or more cores")
+    torch_threads: int | None = Field(None, ge=1, description="torch threads of each engine worker; unset = "
+                                      "torch's thread count divided among the workers")
     dtype: DType = "float32"
 
     # ------------------------------------------------------------------ presentation

@@ -38,9 +38,13 @@ class Metrics:
         self.engine_running = Gauge("gream_engine_running", "requests the engine is working on", registry=r)
         self.engine_batch_size = Histogram("gream_engine_batch_size", "requests per engine batch",
                                            buckets=BATCH_BUCKETS, registry=r)
-        # Seconds the engine spent on batches; its rate is the engine's utilisation (1 = never idle).
-        self.engine_busy = Counter("gream_engine_busy_seconds_total", "seconds the engine spent running batches",
+        # Seconds the engine's workers spent on batches, summed over workers; its rate divided by
+        # gream_engine_workers is the engine's utilisation (1 = never idle).
+        self.engine_busy = Counter("gream_engine_busy_seconds_total",
+                                   "seconds the engine's workers spent running batches, summed over workers",
                                    registry=r)
+        self.engine_workers = Gauge("gream_engine_workers", "engine workers that run batches side by side",
+                                    registry=r)
         self.engine_rejected = Counter("gream_engine_rejected_total",
                                        "requests refused by the engine", ["reason"], registry=r)
         self.items_returned = Histogram("gream_items_returned", "items per recommendation response",
@@ -62,6 +66,7 @@ class Metrics:
         """Read queue depth and running count from the engine at scrape time."""
         self.engine_queue_depth.set_function(lambda: float(getattr(stats(), "queue_depth", 0)))
         self.engine_running.set_function(lambda: float(getattr(stats(), "running", 0)))
+        self.engine_workers.set_function(lambda: float(getattr(stats(), "extra", {}).get("workers", 1)))
 
     def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
         labels = (route, method, str(status))

@@ -12,14 +12,17 @@ from service.engine.base import Engine
 
 # Settings every local engine may take as keyword arguments (each engine takes what it knows).
 ENGINE_SETTINGS = ("default_beams", "queue_max", "max_batch", "batch_wait_ms", "batch_wait_max_ms", "torch_threads",
-                   "dtype", "max_concurrent_reasoning", "reasoning_temperature")
+                   "dtype", "max_concurrent_reasoning", "reasoning_temperature", "engine_workers")
+# Settings whose engine argument has a shorter name (inside an engine, "engine_" says nothing).
+ARGUMENT_NAMES = {"engine_workers": "workers"}
 
 
 def engine_kwargs(settings: Settings, engine_cls: type) -> dict[str, Any]:
     """The engine settings `engine_cls.__init__` accepts (all of them if it takes **kwargs)."""
     params = inspect.signature(engine_cls.__init__).parameters
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    return {name: getattr(settings, name) for name in ENGINE_SETTINGS if takes_any or name in params}
+    named = {ARGUMENT_NAMES.get(name, name): name for name in ENGINE_SETTINGS}
+    return {arg: getattr(settings, name) for arg, name in named.items() if takes_any or arg in params}
 
 
 def create_engine(settings: Settings, bundle: Bundle) -> Engine:

@@ -1,12 +1,19 @@
 """In-process PyTorch engine: the fastest HF decoder for the model (shared_prefix.make_decoder) behind an asyncio micro-batcher.
 
-All model and tokenizer work runs on ONE worker thread, so the event loop never blocks and torch
-never runs two forwards at once on this CPU. Top-k requests wait in a bounded queue (full ->
+Model and tokenizer work runs on a small pool of worker threads (`workers`, each with its own torch
+threads), so the event loop never blocks. Top-k requests wait in a bounded queue (full ->
 EngineOverloaded, which the gateway turns into 429 + Retry-After) and are gathered into batches of up
-to `max_batch`, waiting for as many callers as recent batches held while they keep arriving (at most
-`batch_wait_ms` between two arrivals, `batch_wait_max_ms` in all). Reasoning streams submit one decoding
-step at a time to the same thread, so they interleave fairly with batches and stop as soon as their
-consumer goes away (the next step is simply never submitted).
+to `max_batch`, one batch per free worker, waiting for the share of recent callers that is due to
+come back (at most `batch_wait_ms` between two arrivals, `batch_wait_max_ms` in all). Reasoning streams
+submit one decoding step at a time to the same pool, so they interleave fairly with batches and stop as
+soon as their consumer goes away (the next step is simply never submitted).
+
+Why several workers, each with fewer torch threads, rather than one worker with all of them: the
+gateway's HTTP work shares the cores with decoding. One OpenMP team spanning every core stalls
+whenever any of its threads is descheduled, so each slice of HTTP work stalls the whole batch;
+independent workers lose only the slice's own CPU time, and one worker's batch runs while the other's
+callers are being answered and come back (../shared/notes and the README's Benchmarks section have
+the measurements).
 """
 
 from __future__ import annotations
@@ -94,8 +101,8 @@ class TransformersEngine(Engine):
     name = "transformers"
 
     def __init__(self, bundle: Bundle, *, default_beams: int = 10, queue_max: int = 256, max_batch: int = 32,
-                 batch_wait_ms: float = 10.0, batch_wait_max_ms: float = 50.0, torch_threads: int | None = None,
-                 dtype: str = "float32",
+                 batch_wait_ms: float = 10.0, batch_wait_max_ms: float = 50.0, workers: int | None = None,
+                 torch_threads: int | None = None, dtype: str = "float32",
                  max_concurrent_reasoning: int = 16, reasoning_temperature: float = 0.0, seed: int = 0,
                  **_ignored: Any):
         if dtype not in DTYPES:
@@ -108,7 +115,7 @@ class TransformersEngine(Engine):
         self.batch_wait_max_s = max(batch_wait_ms, batch_wait_max_ms) / 1000.0
         self._recent_batch_sizes: collections.deque[int] = collections.deque(maxlen=8)
         self._last_batch_end = 0.0  # perf_counter() when the last batch was answered
-        self.torch_threads = torch_threads
+        self.workers, self.torch_threads = worker_layout(workers, torch_threads)
         self.dtype = DTYPES[dtype]
         self.max_concurrent_reasoning = max_concurrent_reasoning
         self.temperature = reasoning_temperature
@@ -118,9 +125,12 @@ class TransformersEngine(Engine):
         self._executor: ThreadPoolExecutor | None = None
         self._queue: asyncio.Queue[_TopkJob] | None = None
         self._batcher: asyncio.Task[None] | None = None
+        self._free_workers: asyncio.Semaphore | None = None
         self._ready = False
         self._running = 0
-        self._inflight: list[_TopkJob] = []
+        self._gathering: list[_TopkJob] = []  # the batch being gathered (taken off the queue, not yet running)
+        self._inflight: dict[asyncio.Task[None], list[_TopkJob]] = {}  # running batches
+        self._tokenizer_lock = threading.Lock()  # a fast tokenizer is not safe to call from two threads at once
         self._reasoning_active = 0
         self._batch_seconds = 0.05  # running estimate, for Retry-After
         self._arrivals = asyncio.Event()  # set by _submit on every arrival; the batcher clears it to wait
@@ -140,25 +150,30 @@ class TransformersEngine(Engine):
     async def start(self) -> None:
         if self._ready:
             return
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gream-engine")
+        # torch's thread count is per calling thread: each worker sets its own.
+        self._executor = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="gream-engine",
+                                            initializer=torch.set_num_threads, initargs=(self.torch_threads,))
         await self._in_worker(self._load)
         self._queue = asyncio.Queue(maxsize=self.queue_max)
+        self._free_workers = asyncio.Semaphore(self.workers)
         self._batcher = asyncio.create_task(self._batch_loop(), name="gream-engine-batcher")
         await self._warm_up()
         self._ready = True
-        log.info("transformers engine ready", extra={"dtype": str(self.dtype), "items": len(self.bundle.items)})
+        log.info("transformers engine ready", extra={"dtype": str(self.dtype), "items": len(self.bundle.items),
+                                                     "workers": self.workers, "torch_threads": self.torch_threads})
 
     async def close(self) -> None:
         self._ready = False
-        pending = list(self._inflight)  # read before the batcher's cleanup clears it
-        if self._batcher is not None:
-            self._batcher.cancel()
+        # Read before the tasks' cleanup clears them.
+        pending = [*self._gathering, *(job for batch in self._inflight.values() for job in batch)]
+        for task in [t for t in (self._batcher, *self._inflight) if t is not None]:
+            task.cancel()
             try:
-                await self._batcher
+                await task
             except asyncio.CancelledError:
                 pass
-            self._batcher = None
-        self._inflight = []
+        self._batcher = None
+        self._gathering, self._inflight = [], {}
         if self._queue is not None:
             while not self._queue.empty():
                 pending.append(self._queue.get_nowait())
@@ -177,6 +192,7 @@ class TransformersEngine(Engine):
     def stats(self) -> EngineStats:
         extra = {k: float(v) for k, v in self.counters.items()}
         extra["reasoning_active"] = float(self._reasoning_active)
+        extra["workers"] = float(self.workers)
         return EngineStats(queue_depth=self._queue.qsize() if self._queue else 0,
                            running=self._running + self._reasoning_active, extra=extra)
 
@@ -185,8 +201,6 @@ class TransformersEngine(Engine):
 
         from training.backbone import load_bundle_model
 
-        if self.torch_threads:
-            torch.set_num_threads(self.torch_threads)
         self._generator = torch.Generator().manual_seed(self._seed)
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.bundle.tokenizer_path), local_files_only=True)
         self.model = load_bundle_model(self.bundle.model_path, dtype=self.dtype)
@@ -217,7 +231,8 @@ class TransformersEngine(Engine):
         return self._encode(reasoning_prompt(spelled))
 
     def _encode(self, text: str) -> list[int]:
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        with self._tokenizer_lock:
+            return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     async def _in_worker(self, fn: Callable[..., Any], *args: Any) -> Any:
         if self._executor is None:
@@ -259,61 +274,82 @@ class TransformersEngine(Engine):
         return await job.future
 
     async def _batch_loop(self) -> None:
-        assert self._queue is not None
+        """Gather a batch whenever a worker is free, and hand it to that worker without waiting for it."""
+        assert self._queue is not None and self._free_workers is not None
         queue = self._queue
         while True:
-            batch = [await queue.get()]
-            self._drain(batch)
-            # Adaptive wait: expect as many requests as the largest recent batch held. A lone caller
-            # never waits; under load, the callers answered by the last batches come back one after
-            # another as the gateway's loop answers them and reads their next requests (about 0.7 ms
-            # each on 2 cores, so 32 of them trickle in over 20+ ms), and waiting for them keeps one
-            # forward pass per round instead of splitting it (the max, not the last size, so a split
-            # round does not teach the batcher to keep splitting).
-            expected = min(self.max_batch, max(self._recent_batch_sizes, default=1))
-            if time.perf_counter() - self._last_batch_end > self.batch_wait_max_s:
-                # The engine sat idle: this is not a round's caller coming back, so nobody is
-                # expected to follow (a lone request after a burst would otherwise wait for no one).
-                expected = 1
+            await self._free_workers.acquire()
+            batch = self._gathering = [await queue.get()]
+            expected = self._expected_batch()
+            # Jobs already waiting are shared among the free workers, so that none of them idles while
+            # another decodes a backlog alone.
+            share = math.ceil((1 + queue.qsize()) / (self.workers - len(self._inflight)))
+            self._drain(batch, min(self.max_batch, max(expected, share)))
             if len(batch) < expected:
                 await self._wait_for_jobs(batch, expected)
+            self._gathering = []
             batch = [job for job in batch if not job.future.done()]
             if not batch:
+                self._free_workers.release()
                 continue
-            self._inflight = batch
-            self._running = len(batch)
-            started = time.perf_counter()
-            try:
-                results = await self._in_worker(self._run_batch, batch)
-            except Exception as exc:  # a failed batch fails its requests, never the loop
-                log.exception("engine batch failed")
-                for job in batch:
-                    if not job.future.done():
-                        job.future.set_exception(EngineUnavailable(f"engine batch failed: {exc}"))
-                continue
-            finally:
-                self._running = 0
-                self._inflight = []
-            elapsed = time.perf_counter() - started
-            self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * elapsed
-            self._recent_batch_sizes.append(len(batch))
-            self.counters["batches"] += 1
-            self.counters["batched_requests"] += len(batch)
-            if self.on_batch is not None:
-                self.on_batch(len(batch), elapsed)
-            for job, items in zip(batch, results):
+            task = asyncio.create_task(self._execute(batch), name="gream-engine-batch")
+            self._inflight[task] = batch
+            self._running += len(batch)
+
+    def _expected_batch(self) -> int:
+        """How many requests the batch being gathered should wait for.
+
+        Under load the callers answered by the last batches come back one after another as the
+        gateway's loop answers them and reads their next requests (about 0.7 ms each on 2 cores, so 32
+        of them trickle in over 20+ ms): waiting for them keeps one forward pass per round and worker
+        instead of splitting it. In a steady closed loop the last `workers` batches held every caller
+        once, so a batch expects 1/workers of that: the largest such sum among recent batches, so that
+        one split round does not teach the batcher to keep splitting."""
+        if self._running == 0 and time.perf_counter() - self._last_batch_end > self.batch_wait_max_s:
+            # The engine sat idle: this is not a round's caller coming back, so nobody is expected
+            # to follow (a lone request after a burst would otherwise wait for no one).
+            return 1
+        sizes = list(self._recent_batch_sizes)
+        span = min(self.workers, len(sizes))
+        callers = max((sum(sizes[i:i + span]) for i in range(len(sizes) - span + 1)), default=1)
+        return min(self.max_batch, max(1, math.ceil(callers / self.workers)))
+
+    async def _execute(self, batch: list[_TopkJob]) -> None:
+        """Run one batch on a worker thread and answer its callers; frees the worker afterwards."""
+        assert self._free_workers is not None
+        started = time.perf_counter()
+        try:
+            results = await self._in_worker(self._run_batch, batch)
+        except Exception as exc:  # a failed batch fails its requests, never the engine
+            log.exception("engine batch failed")
+            for job in batch:
                 if not job.future.done():
-                    job.future.set_result(items)
-            self._last_batch_end = time.perf_counter()
+                    job.future.set_exception(EngineUnavailable(f"engine batch failed: {exc}"))
+            return
+        finally:
+            self._running -= len(batch)
+            self._inflight.pop(asyncio.current_task(), None)  # type: ignore[arg-type]
+            self._free_workers.release()
+        elapsed = time.perf_counter() - started
+        self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * elapsed
+        self._recent_batch_sizes.append(len(batch))
+        self.counters["batches"] += 1
+        self.counters["batched_requests"] += len(batch)
+        if self.on_batch is not None:
+            self.on_batch(len(batch), elapsed)
+        for job, items in zip(batch, results):
+            if not job.future.done():
+                job.future.set_result(items)
+        self._last_batch_end = time.perf_counter()
 
     async def _wait_for_jobs(self, batch: list[_TopkJob], expected: int) -> None:
         """Gather jobs until the batch holds `expected`, or none has arrived for `batch_wait_s`, or
         `batch_wait_max_s` has passed. The wait is counted from the last arrival, not from the first,
         so a round whose callers trickle in is not cut (those cut off would wait a whole forward pass
         for the next, small batch). _submit wakes us on an arrival, instead of the loop polling the
-        queue every few hundred us (each wake-up takes the GIL from the engine thread)."""
+        queue every few hundred us (each wake-up takes the GIL from the engine's threads)."""
         assert self._queue is not None
-        self._drain(batch)
+        self._drain(batch, expected)
         last_arrival = time.perf_counter()
         cap = last_arrival + self.batch_wait_max_s
         while len(batch) < expected:
@@ -326,13 +362,14 @@ class TransformersEngine(Engine):
             except TimeoutError:
                 pass
             before = len(batch)
-            self._drain(batch)
+            self._drain(batch, expected)
             if len(batch) > before:
                 last_arrival = time.perf_counter()
 
-    def _drain(self, batch: list[_TopkJob]) -> None:
+    def _drain(self, batch: list[_TopkJob], limit: int) -> None:
+        """Move queued jobs into `batch` until it holds `limit`."""
         assert self._queue is not None
-        while len(batch) < self.max_batch:
+        while len(batch) < limit:
             try:
                 batch.append(self._queue.get_nowait())
             except asyncio.QueueEmpty:
@@ -343,7 +380,8 @@ class TransformersEngine(Engine):
         # One tokenizer call for the batch's text prompts: per-prompt calls cost twice as much (4.1
         # against 2.2 ms for 32 amazon prompts), about 1 % of a batch.
         texts = [job.prompt or "" for job in batch if job.prompt_ids is None]
-        encoded = iter(self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
+        with self._tokenizer_lock:
+            encoded = iter(self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
         ids = [job.prompt_ids if job.prompt_ids is not None else list(next(encoded)) for job in batch]
         filters: list[TrieFilter | None] = [
             self.bundle.trie.make_filter(exclude=job.exclude, allow=job.allow) for job in batch]
@@ -432,7 +470,8 @@ class TransformersEngine(Engine):
         return self._new_text(session, final=True)
 
     def _new_text(self, session: _Reasoning, final: bool) -> str:
-        text = self.tokenizer.decode(session.generated, skip_special_tokens=False)
+        with self._tokenizer_lock:
+            text = self.tokenizer.decode(session.generated, skip_special_tokens=False)
         # A byte-level token may end inside a UTF-8 character: hold it back until it completes.
         if not final and text.endswith("\ufffd"):
             return ""
@@ -440,3 +479,14 @@ class TransformersEngine(Engine):
             return ""  # detokenisation re-segmented earlier text; never rewrite what was sent
         delta, session.emitted = text[len(session.emitted):], text
         return delta
+
+
+def worker_layout(workers: int | None, torch_threads: int | None) -> tuple[int, int]:
+    """(decode workers, torch threads per worker). By default two workers wherever there are two or
+    more cores, splitting the cores torch would use (its default thread count, which honours
+    OMP_NUM_THREADS) between them."""
+    cores = max(1, torch.get_num_threads())
+    workers = workers if workers is not None else min(2, cores)
+    if workers < 1:
+        raise ValueError(f"workers must be at least 1, got {workers}")
+    return workers, torch_threads or max(1, cores // workers)

@@ -35,7 +35,9 @@ def gw_bundle(tiny_bundle_dir: Path) -> Any:
 async def gw_engine(gw_bundle: Any) -> AsyncIterator[Any]:
     from service.engine.transformers_engine import TransformersEngine
 
-    engine = TransformersEngine(gw_bundle, default_beams=10, max_batch=32, batch_wait_ms=2, torch_threads=1)
+    # Two workers (the default on two or more cores), named so that one-core machines test them too.
+    engine = TransformersEngine(gw_bundle, default_beams=10, max_batch=32, batch_wait_ms=2, workers=2,
+                                torch_threads=1)
     await engine.start()
     yield engine
     await engine.close()

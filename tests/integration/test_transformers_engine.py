@@ -88,7 +88,8 @@ async def test_batches_wait_for_callers_while_they_keep_arriving(gw_bundle: Any)
     the round spreads beyond it; a caller after a longer gap does not hold the batch."""
     from service.engine.transformers_engine import TransformersEngine
 
-    engine = TransformersEngine(gw_bundle, max_batch=8, batch_wait_ms=60, batch_wait_max_ms=2000, torch_threads=1)
+    engine = TransformersEngine(gw_bundle, max_batch=8, batch_wait_ms=60, batch_wait_max_ms=2000, workers=1,
+                                torch_threads=1)
     await engine.start()
     sizes: list[int] = []
     engine.on_batch = lambda size, seconds: sizes.append(size)
@@ -110,6 +111,46 @@ async def test_batches_wait_for_callers_while_they_keep_arriving(gw_bundle: Any)
         await engine.close()
 
 
+async def test_two_workers_split_a_round_and_decode_at_the_same_time(gw_bundle: Any) -> None:
+    """With two workers, a closed loop's callers are shared between them: each batch waits for half of
+    the callers that recent batches held, and the two batches run at once on two threads."""
+    import threading
+    import time
+
+    from service.engine.transformers_engine import TransformersEngine
+
+    engine = TransformersEngine(gw_bundle, max_batch=32, batch_wait_ms=200, batch_wait_max_ms=1000, workers=2,
+                                torch_threads=1)
+    await engine.start()
+    runs: list[tuple[float, float, str, int]] = []
+    run_batch = engine._run_batch
+
+    def timed(batch: Any) -> Any:
+        start = time.perf_counter()
+        out = run_batch(batch)
+        runs.append((start, time.perf_counter(), threading.current_thread().name, len(batch)))
+        return out
+
+    engine._run_batch = timed  # type: ignore[method-assign]
+    try:
+        histories = [(n % 40, n % 40 + 1) for n in range(16)]
+        for _ in range(3):  # rounds of 16 callers, all at once: the batcher learns the round's size
+            await asyncio.gather(*(engine.recommend(request(gw_bundle, h, f"r{n}")) for n, h in enumerate(histories)))
+        assert engine._expected_batch() == 8
+        runs.clear()
+        alone = [engine.decoder.topk([request(gw_bundle, h, "x").prompt], [5], [10])[0] for h in histories]
+        together = await asyncio.gather(*(engine.recommend(request(gw_bundle, h, f"t{n}"))
+                                          for n, h in enumerate(histories)))
+        assert sorted(size for *_, size in runs) == [8, 8]
+        (_, e1, t1, _), (s2, _, t2, _) = sorted(runs)
+        assert t1 != t2 and s2 < e1  # two threads, the second batch started before the first ended
+        for one, got in zip(alone, together):  # and neither disturbed the other's numbers
+            assert [i.index for i in one] == [i.index for i in got]
+            assert np.allclose([i.score for i in one], [i.score for i in got], atol=1e-4)
+    finally:
+        await engine.close()
+
+
 async def test_a_lone_request_after_idle_does_not_wait_for_a_past_burst(gw_bundle: Any) -> None:
     """Recent batch sizes say how many callers a round brings back; once the engine has sat idle
     longer than a batch may wait, a new request is no returning caller and goes at once."""
@@ -117,7 +158,8 @@ async def test_a_lone_request_after_idle_does_not_wait_for_a_past_burst(gw_bundl
 
     from service.engine.transformers_engine import TransformersEngine
 
-    engine = TransformersEngine(gw_bundle, max_batch=8, batch_wait_ms=400, batch_wait_max_ms=500, torch_threads=1)
+    engine = TransformersEngine(gw_bundle, max_batch=8, batch_wait_ms=400, batch_wait_max_ms=500, workers=1,
+                                torch_threads=1)
     await engine.start()
     try:
         await asyncio.gather(*(engine.recommend(request(gw_bundle, (n, n + 1), f"burst{n}")) for n in range(6)))

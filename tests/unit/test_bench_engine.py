@@ -10,7 +10,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "loadtests"))
 
-from bench_engine import rounds_of, run_for, run_interleaved, run_window
+from bench_engine import rounds_of, run_interleaved, run_window
 
 
 def test_rounds_cover_every_request_once() -> None:
@@ -76,15 +76,12 @@ def test_window_runs_keep_the_server_at_full_concurrency() -> None:
     assert plain[-3:] == [3, 2, 1]  # what the window run avoids
 
 
-def test_paired_rounds_last_as_long_as_the_window() -> None:
-    calls: list[int] = []
+def test_the_paired_bare_engine_has_the_gateways_settings(tmp_path: Path) -> None:
+    """The bare row runs the engine the gateway builds from the same environment."""
+    from bench_engine import engine_settings
 
-    def slow(chunk):  # type: ignore[no-untyped-def]
-        calls.append(len(chunk))
-        time.sleep(0.01)
-        return [[len(p)] for p in chunk]
-
-    row = run_for(0.05, "bare", slow, ["a", "bb", "ccc"], 2)
-    assert row.wall_s >= 0.05 and len(calls) >= 6 and len(calls) % 2 == 0  # whole passes of 2 batches
-    assert row.results == [[1], [2], [3]]  # the first pass's, one per prompt
-    assert len(row.latencies_s) == 3 * len(calls) // 2
+    env = {"GREAM_ENGINE_WORKERS": "3", "GREAM_TORCH_THREADS": "1", "GREAM_MAX_BATCH": "16",
+           "GREAM_NOT_A_SETTING": "x", "PATH": "/bin"}
+    settings = engine_settings(tmp_path, env)
+    assert (settings.engine_workers, settings.torch_threads, settings.max_batch) == (3, 1, 16)
+    assert settings.bundle == tmp_path

@@ -77,3 +77,17 @@ def test_json_log_lines_carry_the_request_id() -> None:
         REQUEST_ID.reset(token)
     assert line["request_id"] == "rid-42" and line["msg"] == "request" and line["status"] == 200
     assert line["level"] == "info" and line["logger"] == "gream.access"
+
+
+def test_engine_workers_reach_the_engine_and_split_the_cores() -> None:
+    from service.engine.factory import engine_kwargs
+    from service.engine.transformers_engine import TransformersEngine, worker_layout
+
+    kwargs = engine_kwargs(Settings(engine_workers=3, torch_threads=2), TransformersEngine)
+    assert (kwargs["workers"], kwargs["torch_threads"]) == (3, 2) and "engine_workers" not in kwargs
+    assert worker_layout(1, 3) == (1, 3)
+    assert worker_layout(4, None)[0] == 4
+    workers, threads = worker_layout(None, None)
+    assert 1 <= workers <= 2 and threads >= 1
+    with pytest.raises(ValueError, match="workers"):
+        worker_layout(0, None)
