@@ -369,7 +369,8 @@ async def bench_gateway(bundle_dir: Path, bundle: Any, histories: Sequence[Seque
             with LoadGenerator(port, bodies) as loadgen:
                 loadgen.run(range(min(8, len(bodies))), 8, 0.5)  # warm-up
                 for c in concurrencies:
-                    row = Row(f"gateway: HTTP -> {label}", c, [], 0.0)
+                    where = ", in a child process" if settings.engine_in_child_process else ""
+                    row = Row(f"gateway: HTTP -> {label}{where}", c, [], 0.0)
                     bare = Row(f"{label}, in-process, taking turns with the gateway", c, [], 0.0)
                     before, cpu = await batch_totals(client), 0.0
                     for part in rounds_of(len(bodies), rounds):

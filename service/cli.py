@@ -214,7 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--engine-worker", action="store_true", default=None,
                        help="also serve /internal/engine/* so gateways can route to this process")
     serve.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=None,
-                       help="run the engine in a child process (default from GREAM_ENGINE_PROCESS)")
+                       help="run the engine in a child process (default from GREAM_ENGINE_PROCESS; unset: yes for "
+                            "transformers, no for vllm)")
     serve.set_defaults(func=cmd_serve)
 
     from training.cli import add_training_commands

@@ -45,8 +45,10 @@ class Settings(BaseSettings):
         default_factory=list, description="remote engine workers; when set, the gateway runs no model itself")
     engine_worker: bool = Field(False, description="also expose /internal/engine/* so gateways can use this "
                                                    "process as a remote engine worker")
-    engine_process: bool = Field(False, description="run the local engine in a child process, so HTTP work "
-                                                    "and decoding do not share one GIL (service.engine.process)")
+    engine_process: bool | None = Field(
+        None, description="run the local engine in a child process, so HTTP work and decoding do not share "
+                          "one GIL (service.engine.process); unset = yes for the transformers engine, whose "
+                          "beam loop is Python, no for vLLM, whose AsyncLLM decodes in a process of its own")
     engine_api_key: str | None = Field(None, repr=False, description="bearer key sent to remote workers")
     engine_timeout_s: float = Field(30.0, gt=0, description="per-call timeout to remote workers")
 
@@ -145,6 +147,11 @@ class Settings(BaseSettings):
     @property
     def reasoning_budget_default(self) -> int:
         return self.default_reasoning_tokens or min(256, self.max_reasoning_tokens)
+
+    @property
+    def engine_in_child_process(self) -> bool:
+        """Whether the gateway runs its local engine in a child process (engine_process, or its default)."""
+        return self.engine_process if self.engine_process is not None else self.engine == "transformers"
 
     @property
     def auth_enabled(self) -> bool:

@@ -32,7 +32,7 @@ def create_engine(settings: Settings, bundle: Bundle) -> Engine:
 
         return RemoteEngine(settings.engine_urls, timeout_s=settings.engine_timeout_s,
                             api_key=settings.engine_api_key, expected_version=bundle.version)
-    if settings.engine_process:
+    if settings.engine_in_child_process:
         from service.engine.process import ProcessEngine
 
         return ProcessEngine(settings, bundle)

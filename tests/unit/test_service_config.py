@@ -91,3 +91,10 @@ def test_engine_workers_reach_the_engine_and_split_the_cores() -> None:
     assert 1 <= workers <= 2 and threads >= 1
     with pytest.raises(ValueError, match="workers"):
         worker_layout(0, None)
+
+
+def test_the_transformers_engine_runs_in_a_child_process_unless_told_otherwise() -> None:
+    assert Settings().engine_in_child_process  # its Python beam loop would share the gateway's GIL
+    assert not Settings(engine="vllm").engine_in_child_process  # AsyncLLM decodes in a process of its own
+    assert not Settings(engine_process=False).engine_in_child_process
+    assert Settings(engine="vllm", engine_process=True).engine_in_child_process
