@@ -1,4 +1,5 @@
-"""A local engine in a child process of the gateway (`engine_process`).
+"""A local engine in a child process of the gateway (`engine_process`; the default for the transformers
+engine, whose beam loop is Python, while vLLM's AsyncLLM already decodes in a process of its own).
 
 In one process the gateway's event loop (HTTP parsing, validation, JSON) and the engine's decoding loop
 (beam bookkeeping between torch calls) take turns on one GIL, and the engine waits whenever the loop
