@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 
 from model_store.tokens import direct_prompt
 from service.engine.base import EngineRequest, EngineUnavailable
@@ -123,11 +124,13 @@ async def test_two_workers_split_a_round_and_decode_at_the_same_time(gw_bundle: 
                                 torch_threads=1)
     await engine.start()
     runs: list[tuple[float, float, str, int]] = []
+    threads: list[int] = []
     run_batch = engine._run_batch
 
-    def timed(batch: Any) -> Any:
+    def timed(batch: Any, torch_threads: int) -> Any:
         start = time.perf_counter()
-        out = run_batch(batch)
+        out = run_batch(batch, torch_threads)
+        threads.append(torch.get_num_threads())
         runs.append((start, time.perf_counter(), threading.current_thread().name, len(batch)))
         return out
 
@@ -142,11 +145,16 @@ async def test_two_workers_split_a_round_and_decode_at_the_same_time(gw_bundle: 
         together = await asyncio.gather(*(engine.recommend(request(gw_bundle, h, f"t{n}"))
                                           for n, h in enumerate(histories)))
         assert sorted(size for *_, size in runs) == [8, 8]
+        assert threads[-2:] == [1, 1]  # side by side: each worker its own share of the cores
         (_, e1, t1, _), (s2, _, t2, _) = sorted(runs)
         assert t1 != t2 and s2 < e1  # two threads, the second batch started before the first ended
         for one, got in zip(alone, together):  # and neither disturbed the other's numbers
             assert [i.index for i in one] == [i.index for i in got]
             assert np.allclose([i.score for i in one], [i.score for i in got], atol=1e-4)
+        runs.clear()
+        for n in range(3):  # one caller at a time: always worker 0, with both workers' threads
+            await engine.recommend(request(gw_bundle, (n, n + 1), f"lone{n}"))
+        assert {name for *_, name, _ in runs} == {"gream-engine-0_0"} and threads[-3:] == [2, 2, 2]
     finally:
         await engine.close()
 
