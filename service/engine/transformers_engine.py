@@ -127,11 +127,10 @@ class TransformersEngine(Engine):
         self._executors: list[ThreadPoolExecutor] = []  # one single-thread executor per worker
         self._queue: asyncio.Queue[_TopkJob] | None = None
         self._batcher: asyncio.Task[None] | None = None
-        self._free_workers: asyncio.Semaphore | None = None
-        self._idle_workers: set[int] = set()
+        # Free workers' indices, lowest first (so a lone caller keeps to worker 0).
+        self._idle_workers: asyncio.PriorityQueue[int] | None = None
         self._reasoning_turn = itertools.count()  # spreads reasoning sessions over the workers
         self._ready = False
-        self._running = 0
         self._gathering: list[_TopkJob] = []  # the batch being gathered (taken off the queue, not yet running)
         self._inflight: dict[asyncio.Task[None], list[_TopkJob]] = {}  # running batches
         self._tokenizer_lock = threading.Lock()  # a fast tokenizer is not safe to call from two threads at once
@@ -161,8 +160,9 @@ class TransformersEngine(Engine):
                            for w in range(self.workers)]
         await self._in_worker(self._load)
         self._queue = asyncio.Queue(maxsize=self.queue_max)
-        self._free_workers = asyncio.Semaphore(self.workers)
-        self._idle_workers = set(range(self.workers))
+        self._idle_workers = asyncio.PriorityQueue()
+        for worker in range(self.workers):
+            self._idle_workers.put_nowait(worker)
         self._batcher = asyncio.create_task(self._batch_loop(), name="gream-engine-batcher")
         await self._warm_up()
         self._ready = True
@@ -201,7 +201,11 @@ class TransformersEngine(Engine):
         extra["reasoning_active"] = float(self._reasoning_active)
         extra["workers"] = float(self.workers)
         return EngineStats(queue_depth=self._queue.qsize() if self._queue else 0,
-                           running=self._running + self._reasoning_active, extra=extra)
+                           running=self._running() + self._reasoning_active, extra=extra)
+
+    def _running(self) -> int:
+        """Requests in the batches the workers are running."""
+        return sum(map(len, self._inflight.values()))
 
     def _load(self) -> None:
         from transformers import AutoTokenizer
@@ -282,32 +286,30 @@ class TransformersEngine(Engine):
 
     async def _batch_loop(self) -> None:
         """Gather a batch whenever a worker is free, and hand it to that worker without waiting for it."""
-        assert self._queue is not None and self._free_workers is not None
-        queue = self._queue
+        assert self._queue is not None and self._idle_workers is not None
+        queue, idle = self._queue, self._idle_workers
         while True:
-            await self._free_workers.acquire()
             batch = self._gathering = [await queue.get()]
+            # The lowest worker free once there is work (not before), so a lone caller keeps to worker 0.
+            worker = await idle.get()
             expected = self._expected_batch()
             # Jobs already waiting are shared among the free workers, so that none of them idles while
             # another decodes a backlog alone.
-            share = math.ceil((1 + queue.qsize()) / (self.workers - len(self._inflight)))
+            share = math.ceil((1 + queue.qsize()) / (1 + idle.qsize()))
             self._drain(batch, min(self.max_batch, max(expected, share)))
             if len(batch) < expected:
                 await self._wait_for_jobs(batch, expected)
             self._gathering = []
             batch = [job for job in batch if not job.future.done()]
             if not batch:
-                self._free_workers.release()
+                idle.put_nowait(worker)
                 continue
-            worker = min(self._idle_workers)  # the lowest free one, so a lone caller keeps to worker 0
-            self._idle_workers.discard(worker)
             # A batch that runs alone gets every worker's threads (a lone request decodes 15 % faster
             # on two threads than on one); batches side by side keep to their own share.
             alone = not self._inflight and queue.empty()
             threads = self.torch_threads * self.workers if alone else self.torch_threads
             task = asyncio.create_task(self._execute(batch, worker, threads), name="gream-engine-batch")
             self._inflight[task] = batch
-            self._running += len(batch)
 
     def _expected_batch(self) -> int:
         """How many requests the batch being gathered should wait for.
@@ -318,7 +320,7 @@ class TransformersEngine(Engine):
         instead of splitting it. In a steady closed loop the last `workers` batches held every caller
         once, so a batch expects 1/workers of that: the largest such sum among recent batches, so that
         one split round does not teach the batcher to keep splitting."""
-        if self._running == 0 and time.perf_counter() - self._last_batch_end > self.batch_wait_max_s:
+        if not self._inflight and time.perf_counter() - self._last_batch_end > self.batch_wait_max_s:
             # The engine sat idle: this is not a round's caller coming back, so nobody is expected
             # to follow (a lone request after a burst would otherwise wait for no one).
             return 1
@@ -330,7 +332,7 @@ class TransformersEngine(Engine):
     async def _execute(self, batch: list[_TopkJob], worker: int, threads: int) -> None:
         """Run one batch on `worker` with `threads` torch threads and answer its callers; frees the
         worker afterwards."""
-        assert self._free_workers is not None
+        assert self._idle_workers is not None
         started = time.perf_counter()
         try:
             results = await self._in_worker(self._run_batch, batch, threads, worker=worker)
@@ -341,10 +343,8 @@ class TransformersEngine(Engine):
                     job.future.set_exception(EngineUnavailable(f"engine batch failed: {exc}"))
             return
         finally:
-            self._running -= len(batch)
             self._inflight.pop(asyncio.current_task(), None)  # type: ignore[arg-type]
-            self._idle_workers.add(worker)
-            self._free_workers.release()
+            self._idle_workers.put_nowait(worker)
         elapsed = time.perf_counter() - started
         self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * elapsed
         self._recent_batch_sizes.append(len(batch))
@@ -390,9 +390,9 @@ class TransformersEngine(Engine):
             except asyncio.QueueEmpty:
                 return
 
-    def _run_batch(self, batch: Sequence[_TopkJob], threads: int | None = None) -> list[list[ScoredItem]]:
+    def _run_batch(self, batch: Sequence[_TopkJob], threads: int) -> list[list[ScoredItem]]:
         assert self.decoder is not None
-        if threads is not None and torch.get_num_threads() != threads:
+        if torch.get_num_threads() != threads:
             torch.set_num_threads(threads)  # this worker thread's own OpenMP team
         # One tokenizer call for the batch's text prompts: per-prompt calls cost twice as much (4.1
         # against 2.2 ms for 32 amazon prompts), about 1 % of a batch.
