@@ -321,9 +321,9 @@ async def bench_gateway(bundle_dir: Path, bundle: Any, histories: Sequence[Seque
     without HTTP; the two take turns, round by round, so the overhead is the ratio of the two."""
     import httpx
 
-    from model_store.tokens import direct_prompt
-    from service.engine.base import EngineRequest
     from service.engine.factory import create_local_engine
+    from service.history import InMemoryHistoryStore
+    from service.recommender import Query, Recommender
 
     port = free_port()
     env = {**os.environ, "GREAM_DTYPE": DTYPES[dtype], "GREAM_LOG_LEVEL": "warning", "GREAM_QUEUE_MAX": "4096",
@@ -331,13 +331,16 @@ async def bench_gateway(bundle_dir: Path, bundle: Any, histories: Sequence[Seque
     env.pop("GREAM_REDIS_URL", None)  # the embedded in-memory history store: requests carry histories
     settings = engine_settings(bundle_dir, env)
     bare_engine = create_local_engine(settings, bundle)
-    use_prior = settings.use_prior and bundle.prior is not None
-    prompts = [direct_prompt([bundle.spelled_id(i) for i in h]) for h in histories]
+    bodies = [{"history": [bundle.items[i].item_id for i in h], "k": K, "exclude_seen": False} for h in histories]
+    # What the gateway's recommender asks its engine for each body (prompt, history window, prior),
+    # planned once, before any timing.
+    recommender = Recommender(bundle, bare_engine, InMemoryHistoryStore(), history_cap=settings.history_cap,
+                              drop_chunk=settings.history_drop_chunk, use_prior=settings.use_prior)
+    requests = [recommender.engine_request(await recommender.plan(Query(**body), f"bare-{n}"))
+                for n, body in enumerate(bodies)]
 
-    async def bare_one(i: int) -> list[int]:  # what the gateway's recommender asks its engine
-        items = await bare_engine.recommend(EngineRequest(f"bare-{i}", prompts[i], K,
-                                                          history=tuple(histories[i]) if use_prior else None))
-        return [it.index for it in items]
+    async def bare_one(i: int) -> list[int]:
+        return [it.index for it in await bare_engine.recommend(requests[i])]
 
     cmd = [sys.executable, "-m", "service.cli", "serve", "--bundle", str(bundle_dir), "--host", "127.0.0.1",
            "--port", str(port), "--engine", engine]
@@ -349,7 +352,7 @@ async def bench_gateway(bundle_dir: Path, bundle: Any, histories: Sequence[Seque
     try:
         await bare_engine.start()
         label = engine_label(bare_engine)
-        await run_window("warm-up", bare_one, range(min(8, len(prompts))), 8, 0.5, progress=False)
+        await run_window("warm-up", bare_one, range(min(8, len(requests))), 8, 0.5, progress=False)
         async with httpx.AsyncClient(base_url=base, timeout=120) as client:
             deadline = time.monotonic() + ready_timeout_s
             while True:
@@ -364,9 +367,7 @@ async def bench_gateway(bundle_dir: Path, bundle: Any, histories: Sequence[Seque
                 if time.monotonic() > deadline:
                     raise RuntimeError("gateway did not become ready in time")
                 await asyncio.sleep(1.0)
-            bodies = [json.dumps({"history": [bundle.items[i].item_id for i in h], "k": K, "exclude_seen": False})
-                      for h in histories]
-            with LoadGenerator(port, bodies) as loadgen:
+            with LoadGenerator(port, [json.dumps(body) for body in bodies]) as loadgen:
                 loadgen.run(range(min(8, len(bodies))), 8, 0.5)  # warm-up
                 for c in concurrencies:
                     where = ", in a child process" if settings.engine_in_child_process else ""
