@@ -219,7 +219,7 @@ def load_hf(bundle: Any, dtype: str) -> tuple[Any, Any, list[int]]:
     from transformers import AutoTokenizer
 
     from model_store.tokens import id_token_ids
-    from training.backbone import load_bundle_model
+    from model_store.model import load_bundle_model
 
     tok = AutoTokenizer.from_pretrained(str(bundle.tokenizer_path), local_files_only=True)
     model = load_bundle_model(bundle.model_path, dtype=getattr(torch, DTYPES[dtype]))

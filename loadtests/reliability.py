@@ -514,7 +514,7 @@ def default_bundle(out: Path) -> Path:
     if not (tiny / "manifest.json").is_file():
         log(f"no demo bundle: building a tiny one at {tiny}")
         sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
-        from model_store.testing import make_tiny_bundle
+        from tests.support.bundles import make_tiny_bundle
 
         make_tiny_bundle(tiny)
     return tiny

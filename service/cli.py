@@ -106,7 +106,7 @@ def cmd_registry(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from model_store.demo import DemoConfig
+    from training.demo_data import DemoConfig
     from training.demo import build_demo
 
     out = Path(args.out)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from model_store.testing import make_tiny_bundle
+from tests.support.bundles import make_tiny_bundle
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -61,9 +61,3 @@ def load_pretrained_model(path: str | Path, tokenizer: Any, dtype: torch.dtype =
         # mean_resizing initialises new rows at the mean embedding: a better start than noise.
         model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
     return model
-
-
-def load_bundle_model(model_dir: str | Path, dtype: torch.dtype = torch.float32) -> Any:
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(str(model_dir), local_files_only=True, dtype=dtype).eval()

@@ -42,7 +42,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from transformers import AutoTokenizer
 
     from model_store.bundle import load_bundle
-    from training.backbone import load_bundle_model
+    from model_store.model import load_bundle_model
     from training.baselines import baseline_rows
     from training.data import InteractionData
     from training.evaluate import PRIOR_ALONE, format_table, prior_rankings, ranking_metrics

@@ -1,4 +1,4 @@
-"""`gream demo`: synthetic data (model_store.demo), then the GREAM recipe with its `demo` preset, so the
+"""`gream demo`: synthetic data (training.demo_data), then the GREAM recipe with its `demo` preset, so the
 demo bundle is trained exactly as real bundles are, only smaller: a servable bundle in minutes."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from model_store.demo import DemoConfig, write_demo_data
+from training.demo_data import DemoConfig, write_demo_data
 
 
 def build_demo(out: str | Path, data_dir: str | Path | None = None, cfg: DemoConfig | None = None,

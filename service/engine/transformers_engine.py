@@ -210,7 +210,7 @@ class TransformersEngine(Engine):
     def _load(self) -> None:
         from transformers import AutoTokenizer
 
-        from training.backbone import load_bundle_model
+        from model_store.model import load_bundle_model
 
         self._generator = torch.Generator().manual_seed(self._seed)
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.bundle.tokenizer_path), local_files_only=True)

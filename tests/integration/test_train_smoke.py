@@ -23,7 +23,7 @@ SMOKE_CONFIG = {
 
 @pytest.mark.slow
 def test_train_then_serve_then_eval(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from model_store.demo import DemoConfig, write_demo_data
+    from training.demo_data import DemoConfig, write_demo_data
 
     data = write_demo_data(tmp_path / "data", DemoConfig(items=96, users=60, min_len=4, max_len=8))
     cfg = tmp_path / "smoke.json"
@@ -39,7 +39,7 @@ def test_train_then_serve_then_eval(tmp_path: Path, capsys: pytest.CaptureFixtur
     from model_store import tokens
     from model_store.bundle import load_bundle
     from service.engine.shared_prefix import make_decoder
-    from training.backbone import load_bundle_model
+    from model_store.model import load_bundle_model
 
     bundle = load_bundle(out)
     stats = bundle.manifest["stats"]["training"]

@@ -22,7 +22,7 @@ from model_store.bundle import (
     verify_bundle,
 )
 from model_store.catalog import Item
-from model_store.testing import make_tiny_bundle
+from tests.support.bundles import make_tiny_bundle
 from model_store.tokens import PROMPT_SETTINGS, IdFormat
 
 FMT = IdFormat(levels=2, codebook_size=4, dedup_size=8)

@@ -13,7 +13,7 @@ import torch
 from model_store import tokens
 from model_store.bundle import load_bundle
 from model_store.prior import PriorSettings, TransitionPrior
-from model_store.testing import make_tiny_bundle
+from tests.support.bundles import make_tiny_bundle
 from training.sft import IGNORE, FusedObjective, _collate, fused_loss, tokenize_examples
 from training.tasks import sequential_examples
 

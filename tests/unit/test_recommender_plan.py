@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from model_store.bundle import load_bundle
-from model_store.testing import make_tiny_bundle
+from tests.support.bundles import make_tiny_bundle
 from service.history import InMemoryHistoryStore
 from service.recommender import Query, Recommender
 
