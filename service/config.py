@@ -37,10 +37,12 @@ class Settings(BaseSettings):
                                       extra="ignore", validate_default=True)
 
     # ------------------------------------------------------------------ what to serve, where
-    bundle: Path = Field(Path("var/demo-bundle"), description="bundle folder (gream demo writes var/demo-bundle)")
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=1, le=65535)
-    engine: EngineKind = "transformers"
+    bundle: Path = Field(Path("var/demo-bundle"), description="bundle folder, or a registry root whose `current` "
+                                                       "version is served (gream demo writes var/demo-bundle)")
+    host: str = Field("127.0.0.1", description="address the HTTP server binds to")
+    port: int = Field(8000, ge=1, le=65535, description="port the HTTP server listens on")
+    engine: EngineKind = Field("transformers", description="model runtime: PyTorch (transformers) or vLLM's "
+                                                         "AsyncLLM (needs the vllm extra)")
     engine_urls: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="remote engine workers; when set, the gateway runs no model itself")
     engine_worker: bool = Field(False, description="also expose /internal/engine/* so gateways can use this "
@@ -54,46 +56,54 @@ class Settings(BaseSettings):
 
     # ------------------------------------------------------------------ history store
     redis_url: str | None = Field(None, description="redis://host:port/db; unset = in-memory store")
-    redis_namespace: str = Field("gream", pattern=r"^[A-Za-z0-9_.-]{1,32}$")
-    redis_max_connections: int = Field(64, ge=1)
-    history_cap: int = Field(50, ge=1, le=10_000)
-    history_ttl_days: float = Field(30, gt=0)
-    history_drop_chunk: int = Field(10, ge=1)
-    memory_store_max_users: int = Field(100_000, ge=1)
+    redis_namespace: str = Field("gream", pattern=r"^[A-Za-z0-9_.-]{1,32}$",
+                                 description="prefix of the Redis keys (NS:v1:hist:USER)")
+    redis_max_connections: int = Field(64, ge=1, description="size of the Redis connection pool")
+    history_cap: int = Field(50, ge=1, le=10_000, description="items kept per user history, newest")
+    history_ttl_days: float = Field(30, gt=0, description="a history expires this long after its last write")
+    history_drop_chunk: int = Field(10, ge=1, description="over the cap, drop the oldest items this many at a "
+                                    "time, so successive prompts keep their prefix for the prefix cache")
+    memory_store_max_users: int = Field(100_000, ge=1, description="users the in-memory store keeps "
+                                                                   "(least recently used dropped first)")
 
     # ------------------------------------------------------------------ gateway limits and auth
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list, repr=False,
                                                      description="bearer keys for /v1; empty = auth off")
-    max_k: int = Field(100, ge=1, le=1000)
-    max_history: int = Field(200, ge=1)
+    max_k: int = Field(100, ge=1, le=1000, description="largest k a request may ask for")
+    max_history: int = Field(200, ge=1, description="longest history a request may carry, and most events "
+                                                    "per events request")
     max_filter_items: int = Field(10_000, ge=1, description="max length of exclude_items / allow_items")
-    max_body_bytes: int = Field(64 * 1024, ge=1024)
-    max_reasoning_tokens: int = Field(512, ge=1)
+    max_body_bytes: int = Field(64 * 1024, ge=1024, description="request body limit in bytes (413 past it)")
+    max_reasoning_tokens: int = Field(512, ge=1, description="largest reasoning budget a stream may ask for")
     default_reasoning_tokens: int | None = Field(None, ge=1, description="when a stream request gives none; "
                                                  "unset = min(256, max_reasoning_tokens)")
 
     # ------------------------------------------------------------------ engine tuning
-    default_beams: int = Field(10, ge=1, le=1000)
+    default_beams: int = Field(10, ge=1, le=1000, description="beam width of the constrained search (at least "
+                                                              "k is used)")
     use_prior: bool = Field(True, description="fuse the bundle's collaborative prior (model_store.prior) into "
                                               "the beam scores; no effect for bundles without one")
-    queue_max: int = Field(256, ge=1)
-    max_batch: int = Field(32, ge=1)
+    queue_max: int = Field(256, ge=1, description="requests the engine queues; past it the gateway answers 429 "
+                                                  "with Retry-After")
+    max_batch: int = Field(32, ge=1, description="largest micro-batch of the transformers engine")
     batch_wait_ms: float = Field(10.0, ge=0, description="longest wait for the next request while a batch is "
                                                          "short of the size of recent ones (a lone caller never "
                                                          "waits)")
     batch_wait_max_ms: float = Field(50.0, ge=0, description="longest wait for a batch to fill, in all")
-    max_concurrent_reasoning: int = Field(16, ge=1)
-    reasoning_temperature: float = Field(0.0, ge=0, description="0 = greedy")
+    max_concurrent_reasoning: int = Field(16, ge=1, description="reasoning streams decoded at once; more are "
+                                                                "answered 429 (overloaded)")
+    reasoning_temperature: float = Field(0.0, ge=0, description="sampling temperature of the reasoning text; "
+                                                                "0 = greedy")
     engine_workers: int | None = Field(None, ge=1, description="decode workers of the transformers engine, each "
                                       "running its own batches; unset = 2 where there are two or more cores")
     torch_threads: int | None = Field(None, ge=1, description="torch threads of each engine worker; unset = "
                                       "torch's thread count divided among the workers")
-    dtype: DType = "float32"
+    dtype: DType = Field("float32", description="dtype the model is loaded in")
 
     # ------------------------------------------------------------------ presentation
-    demo_page: bool = False
-    log_json: bool = True
-    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    demo_page: bool = Field(False, description="serve the browser demo page at /demo")
+    log_json: bool = Field(True, description="log JSON lines (with the request id); false = plain text")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="lowest level logged")
 
     # ------------------------------------------------------------------ validation
     @field_validator("engine_urls", "api_keys", mode="before")
