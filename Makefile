@@ -46,6 +46,7 @@ run: $(VENV)/.core demo
 	$(BIN)/gream serve --bundle $(BUNDLE) --host $(HOST) --port $(PORT) --engine $(ENGINE) --demo-page
 
 test: $(VENV)/.vllm
+	$(BIN)/lint-imports
 	$(BIN)/pytest -q
 
 test-fast: $(VENV)/.core

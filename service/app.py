@@ -202,7 +202,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None,
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         from model_store.bundle import load_bundle
         from model_store.registry import resolve_bundle_dir
-        from service.engine.factory import create_engine
+        from service.engine_settings import create_engine
 
         bundle = getattr(engine, "bundle", None) if engine is not None else None
         if bundle is None:
@@ -259,7 +259,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None,
         app.include_router(module.router)
     app.include_router(recommendations.eventsource_router)
     if settings.engine_worker:
-        from service.engine.remote import worker_router
+        from service.api.routes.worker import worker_router
 
         app.include_router(worker_router(dependencies=[require_api_key]))
     if settings.demo_page:
@@ -293,6 +293,6 @@ def serve(overrides: dict[str, Any] | None = None) -> None:
     import uvicorn
 
     settings = load_settings(overrides)
-    configure_logging(settings)
+    configure_logging(settings.log_json, settings.log_level)
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_config=None,
                 access_log=False, timeout_graceful_shutdown=10)

@@ -106,8 +106,8 @@ def cmd_registry(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from training.demo_data import DemoConfig
     from training.demo import build_demo
+    from training.demo_data import DemoConfig
 
     out = Path(args.out)
     if out.exists():

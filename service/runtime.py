@@ -11,8 +11,6 @@ import sys
 import time
 from typing import Any
 
-from service.config import Settings
-
 REQUEST_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("gream_request_id", default=None)
 
 _STD_ATTRS = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime", "color_message"}
@@ -37,15 +35,16 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
-def configure_logging(settings: Settings) -> None:
+def configure_logging(json_lines: bool = True, level: str = "info") -> None:
+    """Root logging to stderr: one JSON object per line, or plain text."""
     handler = logging.StreamHandler(sys.stderr)
-    if settings.log_json:
+    if json_lines:
         handler.setFormatter(JsonFormatter())
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(settings.log_level.upper())
+    root.setLevel(level.upper())
 
 
 def freeze_heap() -> None:

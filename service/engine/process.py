@@ -1,4 +1,4 @@
-"""A local engine in a child process of the gateway (`engine_process`; the default for the transformers
+"""A local engine in a child process of the gateway (the default for the transformers
 engine, whose beam loop is Python, while vLLM's AsyncLLM already decodes in a process of its own).
 
 In one process the gateway's event loop (HTTP parsing, validation, JSON) and the engine's decoding loop
@@ -46,6 +46,7 @@ from service.engine.base import (
     ReasoningDone,
     ScoredItem,
 )
+from service.engine.config import LocalEngineConfig, ProcessOptions
 
 log = logging.getLogger("gream.engine.process")
 
@@ -83,13 +84,13 @@ def _error(kind: str, message: str, retry_after: float) -> Exception:
 
 # ------------------------------------------------------------------ gateway side
 class ProcessEngine(Engine):
-    def __init__(self, settings: Any, bundle: Bundle, *, start_timeout_s: float = 900.0,
-                 restart_backoff_s: float = 1.0):
-        self.settings = settings  # service.config.Settings: the child builds its engine from them
+    def __init__(self, bundle: Bundle, config: LocalEngineConfig, options: ProcessOptions | None = None):
+        self.config = config  # the child builds its engine from it
+        self.options = options or ProcessOptions()
         self.bundle = bundle
-        self.name = f"{settings.engine}-process"
-        self.start_timeout_s = start_timeout_s
-        self.restart_backoff_s = restart_backoff_s
+        self.name = f"{config.kind}-process"
+        self.start_timeout_s = self.options.start_timeout_s
+        self.restart_backoff_s = self.options.restart_backoff_s
         self.on_batch: Callable[[int, float], None] | None = None  # metrics hook, as the in-process engines have
         self.restarts = 0
         self._proc: Any = None
@@ -123,7 +124,7 @@ class ProcessEngine(Engine):
     async def _spawn(self) -> None:
         ctx = multiprocessing.get_context("spawn")  # no fork of a process with threads and torch state
         ours, theirs = socket.socketpair()
-        proc = ctx.Process(target=child_main, args=(theirs, str(self.bundle.path), self.settings.model_dump()),
+        proc = ctx.Process(target=child_main, args=(theirs, str(self.bundle.path), self.config, self.options),
                            name="gream-engine", daemon=True)
         proc.start()
         theirs.close()
@@ -143,7 +144,7 @@ class ProcessEngine(Engine):
             raise EngineUnavailable(f"engine process loaded bundle {first[1]}, the gateway {self.bundle.version}")
         self._reader_task = asyncio.create_task(self._read_loop(reader), name="gream-engine-process-reader")
         self._ready = True
-        log.info("engine process ready", extra={"pid": proc.pid, "engine": self.settings.engine})
+        log.info("engine process ready", extra={"pid": proc.pid, "engine": self.config.kind})
 
     async def _stop(self, grace_s: float) -> None:
         """Close our end of the socket (the child exits on end of stream), wait `grace_s`, then kill.
@@ -276,21 +277,18 @@ class ProcessEngine(Engine):
 
 
 # ------------------------------------------------------------------ child side
-def child_main(sock: socket.socket, bundle_dir: str, settings: dict[str, Any]) -> None:
+def child_main(sock: socket.socket, bundle_dir: str, config: LocalEngineConfig, options: ProcessOptions) -> None:
     """Entry point of the engine process (multiprocessing spawn target)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the gateway, which closes us in order
-    from service.config import Settings
-
-    conf = Settings(**settings)
     from service.runtime import configure_logging
 
-    configure_logging(conf)
-    asyncio.run(_ChildServer(sock, bundle_dir, conf).run())
+    configure_logging(options.log_json, options.log_level)
+    asyncio.run(_ChildServer(sock, bundle_dir, config).run())
 
 
 class _ChildServer:
-    def __init__(self, sock: socket.socket, bundle_dir: str, settings: Any):
-        self.sock, self.bundle_dir, self.settings = sock, bundle_dir, settings
+    def __init__(self, sock: socket.socket, bundle_dir: str, config: LocalEngineConfig):
+        self.sock, self.bundle_dir, self.config = sock, bundle_dir, config
         self.writer: asyncio.StreamWriter | None = None
         self.engine: Engine | None = None
         self.tasks: dict[int, asyncio.Task[None]] = {}
@@ -306,7 +304,7 @@ class _ChildServer:
         reader, self.writer = await asyncio.open_connection(sock=self.sock)
         try:
             bundle = await asyncio.to_thread(load_bundle, self.bundle_dir)
-            engine = create_local_engine(self.settings, bundle)
+            engine = create_local_engine(self.config, bundle)
             await engine.start()
             engine.on_batch = lambda size, seconds: self.send(("batch", size, seconds))  # type: ignore[attr-defined]  # not warm-up's
         except Exception as exc:  # report why, then exit: the gateway decides what to do

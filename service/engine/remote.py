@@ -1,8 +1,9 @@
-"""Engines in other processes: the gateway-side `RemoteEngine` and the worker-side routes it calls.
+"""Engines in other processes: the gateway-side `RemoteEngine`, a client of engine workers.
 
 A gateway started with `--engine-url` (one or more) runs no model: it validates, builds prompts and
 forwards `EngineRequest`s to workers round robin, failing over to the next worker on connection
-errors. A worker is an ordinary `gream serve` with `engine_worker` on, which mounts:
+errors. A worker is an ordinary `gream serve` with `engine_worker` on, which mounts
+(service/api/routes/worker.py, wire format in service/engine/wire.py):
 
     POST /internal/engine/topk     EngineRequest JSON -> {"items": [{"index", "score"}]}
     POST /internal/engine/reason   EngineRequest JSON + max_reasoning_tokens -> NDJSON lines
@@ -19,13 +20,9 @@ import asyncio
 import itertools
 import json
 import logging
-from collections.abc import AsyncIterator, Sequence
-from typing import Any
+from collections.abc import AsyncIterator
 
 import httpx
-from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, Field
 
 from service.engine.base import (
     Engine,
@@ -37,58 +34,24 @@ from service.engine.base import (
     ReasoningDone,
     ScoredItem,
 )
+from service.engine.config import RemoteEngineConfig
+from service.engine.wire import WireRequest, items_from_wire
 
 log = logging.getLogger("gream.engine.remote")
 
 _CONNECT_ERRORS = (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError, httpx.ReadError)
 
 
-# ------------------------------------------------------------------ wire format
-class WireRequest(BaseModel):
-    request_id: str
-    prompt: str
-    k: int = Field(ge=1)
-    exclude: list[int] = Field(default_factory=list)
-    allow: list[int] | None = None
-    num_beams: int | None = None
-    history: list[int] | None = None  # item indices, for the bundle's collaborative prior
-    max_reasoning_tokens: int | None = Field(None, ge=1)
-
-    @classmethod
-    def of(cls, request: EngineRequest, max_reasoning_tokens: int | None = None) -> WireRequest:
-        return cls(request_id=request.request_id, prompt=request.prompt, k=request.k,
-                   exclude=sorted(request.exclude), allow=None if request.allow is None else sorted(request.allow),
-                   num_beams=request.num_beams, max_reasoning_tokens=max_reasoning_tokens,
-                   history=None if request.history is None else list(request.history))
-
-    def engine_request(self) -> EngineRequest:
-        return EngineRequest(request_id=self.request_id, prompt=self.prompt, k=self.k,
-                             exclude=frozenset(self.exclude),
-                             allow=None if self.allow is None else frozenset(self.allow), num_beams=self.num_beams,
-                             history=None if self.history is None else tuple(self.history))
-
-
-def _items(raw: Sequence[dict[str, Any]]) -> list[ScoredItem]:
-    return [ScoredItem(index=int(r["index"]), score=float(r["score"])) for r in raw]
-
-
-def _wire_items(items: Sequence[ScoredItem]) -> list[dict[str, Any]]:
-    return [{"index": i.index, "score": i.score} for i in items]
-
-
 # ------------------------------------------------------------------ gateway side
 class RemoteEngine(Engine):
     name = "remote"
 
-    def __init__(self, urls: Sequence[str], *, timeout_s: float = 30.0, api_key: str | None = None,
-                 expected_version: str | None = None, health_interval_s: float = 5.0):
-        if not urls:
-            raise ValueError("RemoteEngine needs at least one worker URL")
-        self.urls = [u.rstrip("/") for u in urls]
-        self.expected_version = expected_version
-        self.health_interval_s = health_interval_s
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self._client = httpx.AsyncClient(headers=headers, timeout=httpx.Timeout(timeout_s, connect=2.0),
+    def __init__(self, config: RemoteEngineConfig):
+        self.urls = [u.rstrip("/") for u in config.urls]
+        self.expected_version = config.expected_version
+        self.health_interval_s = config.health_interval_s
+        headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
+        self._client = httpx.AsyncClient(headers=headers, timeout=httpx.Timeout(config.timeout_s, connect=2.0),
                                          limits=httpx.Limits(max_connections=256, max_keepalive_connections=64))
         self._rr = itertools.count()
         self._up: dict[str, bool] = dict.fromkeys(self.urls, False)
@@ -170,7 +133,7 @@ class RemoteEngine(Engine):
                     continue
                 self._up[url] = True
                 self._raise_for(resp)
-                return _items(resp.json()["items"])
+                return items_from_wire(resp.json()["items"])
         finally:
             self._in_flight -= 1
         raise EngineUnavailable(f"no engine worker reachable ({', '.join(self.urls)})")
@@ -200,7 +163,7 @@ class RemoteEngine(Engine):
                             if "delta" in msg:
                                 yield ReasoningDelta(msg["delta"])
                             elif "items" in msg:
-                                yield ReasoningDone(_items(msg["items"]), int(msg["reasoning_tokens"]))
+                                yield ReasoningDone(items_from_wire(msg["items"]), int(msg["reasoning_tokens"]))
                                 return
                             elif "error" in msg:
                                 err = msg["error"]
@@ -215,47 +178,3 @@ class RemoteEngine(Engine):
         finally:
             self._in_flight -= 1
         raise EngineUnavailable(f"no engine worker reachable ({', '.join(self.urls)})")
-
-
-# ------------------------------------------------------------------ worker side
-def worker_router(dependencies: Sequence[Any] = ()) -> APIRouter:
-    """Routes through which gateways use this process's engine (`request.app.state.engine`)."""
-    router = APIRouter(prefix="/internal/engine", tags=["internal"], include_in_schema=False,
-                       dependencies=[Depends(d) for d in dependencies])
-
-    def engine_of(request: Request) -> Engine:
-        engine = getattr(request.app.state, "engine", None)
-        if engine is None or not engine.ready:
-            raise EngineUnavailable("engine is not ready")
-        return engine  # type: ignore[no-any-return]
-
-    @router.post("/topk")
-    async def topk(body: WireRequest, request: Request) -> JSONResponse:
-        items = await engine_of(request).recommend(body.engine_request())
-        return JSONResponse({"items": _wire_items(items)})
-
-    @router.post("/reason")
-    async def reason(body: WireRequest, request: Request) -> StreamingResponse:
-        engine = engine_of(request)
-        from service.api.routes.recommendations import EventStreamResponse
-
-        async def lines() -> AsyncIterator[str]:
-            events = engine.reason(body.engine_request(), body.max_reasoning_tokens or 256)
-            try:
-                async for event in events:
-                    if isinstance(event, ReasoningDelta):
-                        yield json.dumps({"delta": event.text}) + "\n"
-                    else:
-                        yield json.dumps({"items": _wire_items(event.items),
-                                          "reasoning_tokens": event.reasoning_tokens}) + "\n"
-            except EngineOverloaded as exc:
-                yield json.dumps({"error": {"code": "overloaded", "message": str(exc)}}) + "\n"
-            except Exception as exc:  # the stream has started: report in-band
-                log.exception("engine worker stream failed")
-                yield json.dumps({"error": {"code": "engine_error", "message": str(exc)}}) + "\n"
-            finally:
-                await events.aclose()  # type: ignore[attr-defined]
-
-        return EventStreamResponse(lines(), media_type="application/x-ndjson")
-
-    return router

@@ -66,6 +66,7 @@ from service.engine.base import (
     ScoredItem,
 )
 from service.engine.beam import BeamState, TrieBeamSearch, beam_widths, request_bias, stack_biases
+from service.engine.config import VLLMEngineConfig
 
 _PROJECT_ROOT = Path(__file__).resolve().parents[2]
 # vLLM reads these lazily; set project defaults before it is imported (an explicit setting wins).
@@ -84,38 +85,28 @@ from vllm.v1.engine.async_llm import AsyncLLM
 log = logging.getLogger("gream.engine")
 
 VLLM_VERSION = vllm.__version__
-DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
-          "float16": "float16", "fp16": "float16"}
 
 
 class VLLMEngine(Engine):
     name = "vllm"
 
-    def __init__(self, bundle: Bundle | str | Path, *, default_beams: int = 10, queue_max: int = 256,
-                 dtype: str = "float32", enforce_eager: bool = True, max_concurrent_reasoning: int = 16,
-                 reasoning_temperature: float = 0.0, seed: int = 0, block_size: int = 32,
-                 max_num_seqs: int = 512, max_num_batched_tokens: int = 8192, max_model_len: int | None = None,
-                 enable_prefix_caching: bool = True, executor: str = "mp", **_ignored: Any):
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    def __init__(self, bundle: Bundle | str | Path, config: VLLMEngineConfig | None = None):
+        config = config or VLLMEngineConfig()
+        self.config = config
         self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
-        self.default_beams = default_beams
-        self.queue_max = queue_max
-        self.dtype = DTYPES[dtype]
-        self.enforce_eager = enforce_eager
-        self.max_concurrent_reasoning = max_concurrent_reasoning
-        self.temperature = reasoning_temperature
-        self.seed = seed
-        # CPU attention needs block sizes that are multiples of 32; small blocks let the prefix cache
-        # serve most of a short prompt (only full blocks are cached).
-        self.block_size = block_size
-        self.max_num_seqs = max_num_seqs
-        self.max_num_batched_tokens = max_num_batched_tokens
-        self.max_model_len = max_model_len
-        self.enable_prefix_caching = enable_prefix_caching
-        if executor not in ("uni", "mp"):
-            raise ValueError(f"executor must be 'uni' or 'mp', got {executor!r}")
-        self.executor = executor
+        self.default_beams = config.default_beams
+        self.queue_max = config.queue_max
+        self.dtype = config.dtype
+        self.enforce_eager = config.enforce_eager
+        self.max_concurrent_reasoning = config.max_concurrent_reasoning
+        self.temperature = config.reasoning_temperature
+        self.seed = config.seed
+        self.block_size = config.block_size
+        self.max_num_seqs = config.max_num_seqs
+        self.max_num_batched_tokens = config.max_num_batched_tokens
+        self.max_model_len = config.max_model_len
+        self.enable_prefix_caching = config.enable_prefix_caching
+        self.executor = config.executor
         self.on_batch = None  # the gateway's batch-size hook; vLLM batches internally, so never called
         self.counters = collections.Counter[str]()
         self.aborted: collections.deque[str] = collections.deque(maxlen=256)  # vLLM ids of aborted streams

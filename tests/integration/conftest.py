@@ -33,11 +33,12 @@ def gw_bundle(tiny_bundle_dir: Path) -> Any:
 
 @pytest_asyncio.fixture(scope="session", loop_scope="session")
 async def gw_engine(gw_bundle: Any) -> AsyncIterator[Any]:
+    from service.engine.config import TransformersEngineConfig
     from service.engine.transformers_engine import TransformersEngine
 
     # Two workers (the default on two or more cores), named so that one-core machines test them too.
-    engine = TransformersEngine(gw_bundle, default_beams=10, max_batch=32, batch_wait_ms=2, workers=2,
-                                torch_threads=1)
+    engine = TransformersEngine(gw_bundle, TransformersEngineConfig(default_beams=10, max_batch=32, batch_wait_ms=2,
+                                                                    workers=2, torch_threads=1))
     await engine.start()
     yield engine
     await engine.close()

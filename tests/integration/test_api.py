@@ -266,9 +266,11 @@ async def test_bearer_auth_when_keys_are_configured(make_client: Any) -> None:
 
 # ------------------------------------------------------------------ back-pressure
 async def test_full_queue_answers_429_with_retry_after(make_client: Any, gw_bundle: Any) -> None:
+    from service.engine.config import TransformersEngineConfig
     from service.engine.transformers_engine import TransformersEngine
 
-    small = TransformersEngine(gw_bundle, queue_max=1, max_batch=1, batch_wait_ms=0, torch_threads=1)
+    config = TransformersEngineConfig(queue_max=1, max_batch=1, batch_wait_ms=0, torch_threads=1)
+    small = TransformersEngine(gw_bundle, config)
     await small.start()
     try:
         async with make_client(engine=small) as client:

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 from model_store.bundle import load_bundle
+from model_store.model import load_bundle_model
 from model_store.tokens import direct_prompt, id_token_ids
 from service.engine.hf_decoder import HFTrieDecoder, exhaustive_scores
 from service.engine.shared_prefix import SharedPrefixDecoder, make_decoder, supports_shared_prefix
-from model_store.model import load_bundle_model
 
 
 @pytest.fixture(scope="module")

@@ -27,9 +27,9 @@ def test_demo_builds_a_servable_bundle(tmp_path: Path, capsys: pytest.CaptureFix
 
     from transformers import AutoTokenizer
 
+    from model_store.model import load_bundle_model
     from model_store.tokens import direct_prompt, id_token_ids
     from service.engine.shared_prefix import make_decoder
-    from model_store.model import load_bundle_model
 
     tok = AutoTokenizer.from_pretrained(str(bundle.tokenizer_path))
     decoder = make_decoder(load_bundle_model(bundle.model_path), tok, bundle.trie,

@@ -21,11 +21,13 @@ from service.engine.base import (
     ReasoningDelta,
     ReasoningDone,
 )
+from service.engine.config import ProcessOptions, TransformersEngineConfig
 from service.engine.process import ProcessEngine
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
-ENGINE_SETTINGS = {"default_beams": 10, "max_batch": 32, "batch_wait_ms": 2, "torch_threads": 1, "log_json": False}
+ENGINE = TransformersEngineConfig(default_beams=10, max_batch=32, batch_wait_ms=2, torch_threads=1)
+PLAIN_LOGS = ProcessOptions(log_json=False, restart_backoff_s=0.1)
 
 
 def _request(bundle: Any, rid: str, history: tuple[int, ...], k: int = 6, **kw: Any) -> EngineRequest:
@@ -34,21 +36,14 @@ def _request(bundle: Any, rid: str, history: tuple[int, ...], k: int = 6, **kw: 
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
-async def proc_engine(gateway_settings: Any, gw_bundle: Any) -> AsyncIterator[ProcessEngine]:
-    engine = ProcessEngine(gateway_settings(**ENGINE_SETTINGS, engine_process=True), gw_bundle, restart_backoff_s=0.1)
+async def proc_engine(gw_bundle: Any) -> AsyncIterator[ProcessEngine]:
+    engine = ProcessEngine(gw_bundle, ENGINE, PLAIN_LOGS)
     batches: list[int] = []
     engine.on_batch = lambda size, seconds: batches.append(size)
     engine.batches = batches  # type: ignore[attr-defined]
     await engine.start()
     yield engine
     await engine.close()
-
-
-@pytest.fixture(scope="module")
-def gateway_settings(tiny_bundle_dir: Any) -> Any:  # module scope for the module-scoped engine
-    from tests.integration.conftest import gw_settings
-
-    return lambda **overrides: gw_settings(tiny_bundle_dir, **overrides)
 
 
 async def test_same_items_and_scores_as_in_process(proc_engine: ProcessEngine, gw_engine: Any, gw_bundle: Any) -> None:
@@ -85,9 +80,9 @@ async def test_stream_then_items_and_abort(proc_engine: ProcessEngine, gw_bundle
     assert proc_engine.stats().extra["reasoning_cancelled"] == before + 1
 
 
-async def test_full_queue_is_overload_with_retry_after(gateway_settings: Any, gw_bundle: Any) -> None:
-    settings = gateway_settings(**{**ENGINE_SETTINGS, "queue_max": 1, "max_batch": 1}, engine_process=True)
-    engine = ProcessEngine(settings, gw_bundle)
+async def test_full_queue_is_overload_with_retry_after(gw_bundle: Any) -> None:
+    config = ENGINE.model_copy(update={"queue_max": 1, "max_batch": 1})
+    engine = ProcessEngine(gw_bundle, config, PLAIN_LOGS)
     await engine.start()
     try:
         results = await asyncio.gather(*(engine.recommend(_request(gw_bundle, f"q-{i}", (i, i + 1)))

@@ -10,6 +10,7 @@ import pytest
 
 from model_store.tokens import reasoning_prompt
 from service.engine.base import EngineRequest, EngineUnavailable, ReasoningDelta
+from service.engine.config import RemoteEngineConfig
 from service.engine.remote import RemoteEngine
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -31,7 +32,8 @@ async def test_remote_engine_matches_in_process_and_fails_over(make_client: Any,
     async with make_client() as local:
         expected = (await local.post("/v1/recommendations", json=body)).json()["items"]
     async with serve_app(worker_app) as worker_url:
-        remote = RemoteEngine([DEAD_URL, worker_url], api_key=KEY, expected_version=gw_bundle.version)
+        remote = RemoteEngine(RemoteEngineConfig(urls=[DEAD_URL, worker_url], api_key=KEY,
+                                                 expected_version=gw_bundle.version))
         try:
             async with make_client(engine=remote, redis_url=None) as gateway:
                 assert (await gateway.get("/readyz")).json()["engine"] == "remote"
@@ -51,7 +53,7 @@ async def test_remote_engine_matches_in_process_and_fails_over(make_client: Any,
 async def test_abandoned_remote_stream_aborts_worker(worker_app: Any, serve_app: Any, gw_engine: Any,
                                                      gw_bundle: Any) -> None:
     async with serve_app(worker_app) as worker_url:
-        remote = RemoteEngine([worker_url], api_key=KEY)
+        remote = RemoteEngine(RemoteEngineConfig(urls=[worker_url], api_key=KEY))
         await remote.start()
         try:
             prompt = reasoning_prompt([gw_bundle.spelled_id(i) for i in (1, 2, 3)])
@@ -72,7 +74,7 @@ async def test_abandoned_remote_stream_aborts_worker(worker_app: Any, serve_app:
 
 
 async def test_all_workers_down(make_client: Any) -> None:
-    remote = RemoteEngine([DEAD_URL, "http://127.0.0.1:1"], timeout_s=2)
+    remote = RemoteEngine(RemoteEngineConfig(urls=[DEAD_URL, "http://127.0.0.1:1"], timeout_s=2))
     try:
         with pytest.raises(EngineUnavailable, match="no engine worker reachable"):
             await remote.recommend(EngineRequest("x", "prompt", k=1))

@@ -151,9 +151,10 @@ async def test_stream_back_pressure_and_in_band_errors(gateway_settings: Any, gw
     """A second concurrent stream past the limit gets a real 429; an engine failure after the
     stream started arrives as `event: error`."""
     from service.app import create_app
+    from service.engine.config import TransformersEngineConfig
     from service.engine.transformers_engine import TransformersEngine
 
-    engine = TransformersEngine(gw_bundle, max_concurrent_reasoning=1, torch_threads=1)
+    engine = TransformersEngine(gw_bundle, TransformersEngineConfig(max_concurrent_reasoning=1, torch_threads=1))
     await engine.start()
     try:
         app = create_app(gateway_settings(), engine=engine)

@@ -69,9 +69,10 @@ async def test_prior_fusion_in_batches_matches_the_decoder(gw_engine: Any, gw_bu
 
 
 async def test_close_fails_waiting_callers_instead_of_hanging(gw_bundle: Any) -> None:
+    from service.engine.config import TransformersEngineConfig
     from service.engine.transformers_engine import TransformersEngine
 
-    engine = TransformersEngine(gw_bundle, max_batch=2, batch_wait_ms=0, torch_threads=1)
+    engine = TransformersEngine(gw_bundle, TransformersEngineConfig(max_batch=2, batch_wait_ms=0, torch_threads=1))
     await engine.start()
     calls = [asyncio.create_task(engine.recommend(request(gw_bundle, (i,), f"c{i}"))) for i in range(20)]
     await asyncio.sleep(0)  # let them queue
@@ -87,10 +88,11 @@ async def test_batches_wait_for_callers_while_they_keep_arriving(gw_bundle: Any)
     """Callers of one round that trickle in (as a gateway's loop answers and reads them one by one) are
     batched together as long as each arrives within `batch_wait_ms` of the previous one, even when
     the round spreads beyond it; a caller after a longer gap does not hold the batch."""
+    from service.engine.config import TransformersEngineConfig
     from service.engine.transformers_engine import TransformersEngine
 
-    engine = TransformersEngine(gw_bundle, max_batch=8, batch_wait_ms=60, batch_wait_max_ms=2000, workers=1,
-                                torch_threads=1)
+    engine = TransformersEngine(gw_bundle, TransformersEngineConfig(
+        max_batch=8, batch_wait_ms=60, batch_wait_max_ms=2000, workers=1, torch_threads=1))
     await engine.start()
     sizes: list[int] = []
     engine.on_batch = lambda size, seconds: sizes.append(size)
@@ -118,10 +120,11 @@ async def test_two_workers_split_a_round_and_decode_at_the_same_time(gw_bundle: 
     import threading
     import time
 
+    from service.engine.config import TransformersEngineConfig
     from service.engine.transformers_engine import TransformersEngine
 
-    engine = TransformersEngine(gw_bundle, max_batch=32, batch_wait_ms=200, batch_wait_max_ms=1000, workers=2,
-                                torch_threads=1)
+    engine = TransformersEngine(gw_bundle, TransformersEngineConfig(
+        max_batch=32, batch_wait_ms=200, batch_wait_max_ms=1000, workers=2, torch_threads=1))
     await engine.start()
     runs: list[tuple[float, float, str, int]] = []
     threads: list[int] = []
@@ -139,7 +142,7 @@ async def test_two_workers_split_a_round_and_decode_at_the_same_time(gw_bundle: 
         histories = [(n % 40, n % 40 + 1) for n in range(16)]
         for _ in range(3):  # rounds of 16 callers, all at once: the batcher learns the round's size
             await asyncio.gather(*(engine.recommend(request(gw_bundle, h, f"r{n}")) for n, h in enumerate(histories)))
-        assert engine._expected_batch() == 8
+        assert engine.batcher.expected_batch() == 8
         runs.clear()
         alone = [engine.decoder.topk([request(gw_bundle, h, "x").prompt], [5], [10])[0] for h in histories]
         together = await asyncio.gather(*(engine.recommend(request(gw_bundle, h, f"t{n}"))
@@ -164,10 +167,11 @@ async def test_a_lone_request_after_idle_does_not_wait_for_a_past_burst(gw_bundl
     longer than a batch may wait, a new request is no returning caller and goes at once."""
     import time
 
+    from service.engine.config import TransformersEngineConfig
     from service.engine.transformers_engine import TransformersEngine
 
-    engine = TransformersEngine(gw_bundle, max_batch=8, batch_wait_ms=400, batch_wait_max_ms=500, workers=1,
-                                torch_threads=1)
+    engine = TransformersEngine(gw_bundle, TransformersEngineConfig(
+        max_batch=8, batch_wait_ms=400, batch_wait_max_ms=500, workers=1, torch_threads=1))
     await engine.start()
     try:
         await asyncio.gather(*(engine.recommend(request(gw_bundle, (n, n + 1), f"burst{n}")) for n in range(6)))

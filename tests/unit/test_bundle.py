@@ -22,8 +22,8 @@ from model_store.bundle import (
     verify_bundle,
 )
 from model_store.catalog import Item
-from tests.support.bundles import make_tiny_bundle
 from model_store.tokens import PROMPT_SETTINGS, IdFormat
+from tests.support.bundles import make_tiny_bundle
 
 FMT = IdFormat(levels=2, codebook_size=4, dedup_size=8)
 N = 60

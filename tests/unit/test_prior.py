@@ -13,8 +13,8 @@ import torch
 
 from model_store.bundle import BundleError, load_bundle, save_bundle
 from model_store.prior import HISTORY_SPAN, PriorSettings, TransitionPrior
-from tests.support.bundles import make_tiny_bundle
 from service.engine.beam import StackedFusion, TrieBeamSearch, request_bias, stack_biases
+from tests.support.bundles import make_tiny_bundle
 
 SEQS = [[0, 1, 2], [0, 1, 3], [1, 2, 4], [3, 4]]
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 
 from model_store.bundle import load_bundle
-from tests.support.bundles import make_tiny_bundle
 from service.history import InMemoryHistoryStore
 from service.recommender import Query, Recommender
+from tests.support.bundles import make_tiny_bundle
 
 
 @pytest.fixture(scope="module")

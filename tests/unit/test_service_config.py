@@ -80,11 +80,11 @@ def test_json_log_lines_carry_the_request_id() -> None:
 
 
 def test_engine_workers_reach_the_engine_and_split_the_cores() -> None:
-    from service.engine.factory import engine_kwargs
-    from service.engine.transformers_engine import TransformersEngine, worker_layout
+    from service.engine.workers import worker_layout
+    from service.engine_settings import local_engine_config
 
-    kwargs = engine_kwargs(Settings(engine_workers=3, torch_threads=2), TransformersEngine)
-    assert (kwargs["workers"], kwargs["torch_threads"]) == (3, 2) and "engine_workers" not in kwargs
+    config = local_engine_config(Settings(engine_workers=3, torch_threads=2))
+    assert (config.kind, config.workers, config.torch_threads) == ("transformers", 3, 2)
     assert worker_layout(1, 3) == (1, 3)
     assert worker_layout(4, None)[0] == 4
     workers, threads = worker_layout(None, None)
