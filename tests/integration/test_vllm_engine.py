@@ -23,7 +23,7 @@ if importlib.util.find_spec("vllm") is None:
     pytest.skip("vLLM is not installed; install the vllm extra (see the Makefile) to run these tests",
                 allow_module_level=True)
 
-import vllm  # noqa: E402, F401
+import vllm  # noqa: F401
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow, pytest.mark.asyncio(loop_scope="module")]
 
