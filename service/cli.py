@@ -106,8 +106,11 @@ def cmd_registry(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from training.demo import build_demo
-    from training.demo_data import DemoConfig
+    try:
+        from training.demo import build_demo
+        from training.demo_data import DemoConfig
+    except ImportError as exc:
+        return _err(f"gream demo trains a model and needs the trainer (a dev install, not the serving image): {exc}")
 
     out = Path(args.out)
     if out.exists():
@@ -218,8 +221,10 @@ def build_parser() -> argparse.ArgumentParser:
                             "transformers, no for vllm)")
     serve.set_defaults(func=cmd_serve)
 
-    from training.cli import add_training_commands
-
+    try:
+        from training.cli import add_training_commands
+    except ImportError:  # a serving image ships no trainer; its `gream` serves and manages bundles
+        return parser
     add_training_commands(sub)
     return parser
 

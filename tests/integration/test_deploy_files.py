@@ -161,7 +161,8 @@ def test_dockerfile_copy_sources_exist() -> None:
     for source in context_sources:
         assert (ROOT / source).exists(), f"Dockerfile COPY source {source} missing"
         assert not _dockerignore_excludes(source), f"{source} is excluded by .dockerignore"
-    for junk in (".venv", "var", ".git", "tests"):
+    assert not any(source.startswith("training") for source in context_sources), "the images serve; no trainer"
+    for junk in (".venv", "var", ".git", "tests", "training"):
         assert _dockerignore_excludes(junk), f".dockerignore lets {junk} into the build context"
     stages = re.findall(r"^FROM\s+\S+\s+AS\s+(\S+)", text, re.MULTILINE | re.IGNORECASE)
     assert {"cpu", "gpu"} <= set(stages)
