@@ -1,6 +1,6 @@
 """Training-side subcommands of `gream` (kept here so the gateway never imports training code).
 
-    gream train --data DIR --out BUNDLE [--config tiny|small|FILE] [--stages align,reason,srpo]
+    gream train --data DIR --out BUNDLE [--config PRESET|FILE|JSON] [--stages align,reason,srpo]
                 [--max-minutes N] [--items ITEMS.jsonl] [--teacher-url URL]
     gream prior --bundle BUNDLE --data DIR --out NEW_BUNDLE [--fusion mixture|product] [--mixture-weight W]
                 [--strength S] [--floor F] [--holdout-valid] [--with-stages]
@@ -44,9 +44,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from model_store.bundle import load_bundle
     from model_store.model import load_bundle_model
     from training.baselines import baseline_rows
+    from training.config import STAGE_LABELS
     from training.data import InteractionData
-    from training.evaluate import PRIOR_ALONE, format_table, prior_rankings, ranking_metrics
-    from training.recipe import STAGE_LABELS, evaluate_modes, stage_bundle_paths
+    from training.evaluate import PRIOR_ALONE, evaluate_modes, format_table, prior_rankings, ranking_metrics
+    from training.stages.validation import stage_bundle_paths
 
     if args.bundle is None and not args.baselines_only:
         _log("gream eval: --bundle is required (or --baselines-only)")
@@ -108,8 +109,10 @@ def cmd_prior(args: argparse.Namespace) -> int:
     """A new bundle version with the collaborative prior refitted from DATA (same model and IDs); with
     --with-stages, the recipe's stage snapshots get the same prior, so one eval compares every stage."""
     from model_store.bundle import load_bundle
+    from training.config import PriorSection
     from training.data import InteractionData
-    from training.recipe import fit_prior, stage_bundle_paths
+    from training.stages.prepare import fit_prior
+    from training.stages.validation import stage_bundle_paths
     from training.tasks import holdout_sequences
 
     bundle = load_bundle(args.bundle)
@@ -124,9 +127,9 @@ def cmd_prior(args: argparse.Namespace) -> int:
             if k in ("fusion", "strength", "mixture_weight", "floor")}
     fusion = args.fusion or ("product" if args.strength is not None else kept.get("fusion", PriorSettings().fusion))
     given = (("strength", args.strength), ("floor", args.floor), ("mixture_weight", args.mixture_weight))
-    cfg = {**kept, "enabled": True, "tune_weights": not args.no_tune, "fusion": fusion,
-           **{k: v for k, v in given if v is not None}}
-    prior = fit_prior(bundle, train, data.valid, cfg, _log)
+    section = PriorSection(**{**kept, "enabled": True, "tune_weights": not args.no_tune, "fusion": fusion,
+                              **{k: v for k, v in given if v is not None}})
+    prior = fit_prior(bundle, train, data.valid, section, _log)
     refit = {"data": str(args.data), "parent_bundle": bundle.version, "holdout_valid": args.holdout_valid}
     snapshots = {stage: os.path.relpath(_with_prior(load_bundle(path), Path(f"{args.out}.stages") / stage, prior,
                                                     refit, args.overwrite), args.out)
@@ -183,7 +186,9 @@ def add_training_commands(sub: argparse._SubParsersAction) -> None:
     tr = sub.add_parser("train", help="train with the GREAM recipe (align -> reason -> srpo) into a bundle")
     tr.add_argument("--data", required=True, help="folder with items.jsonl, train.jsonl, valid.jsonl")
     tr.add_argument("--out", required=True, help="bundle folder to write (replaced if present)")
-    tr.add_argument("--config", default="small", help="preset tiny|small, or a JSON/TOML file (may set base=...)")
+    tr.add_argument("--config", default="small",
+                    help="preset (training/presets: demo, small, tiny), a TOML/JSON file or an inline JSON object; "
+                         "a file or object may set base=<preset> and override its keys (unknown keys are errors)")
     tr.add_argument("--stages", default="align,reason,srpo", help="comma-separated subset of align,reason,srpo")
     tr.add_argument("--max-minutes", type=float, default=60.0, help="wall-clock budget of the whole run")
     tr.add_argument("--items", default=None, help="catalog (default: DATA/items.jsonl)")

@@ -1,5 +1,5 @@
-"""Ranking metrics (HR@K, NDCG@K) and the model's own evaluation with the decoding the service uses
-(trie-constrained beam search). The baselines it is compared with are in training/baselines.py."""
+"""Ranking metrics (HR@K, NDCG@K) and the model's own evaluation, direct and reasoning modes, with the
+decoding the service uses (trie-constrained beam search). The baselines it is compared with are in training/baselines.py."""
 
 from __future__ import annotations
 
@@ -73,6 +73,64 @@ def model_rankings(decoder: Any, bundle: Bundle, rows: Sequence[EvalRow], k: int
                                biases=prior_biases(bundle, prior, chunk))
         ranked += [[bundle.items[s.index].item_id for s in res] for res in results]
     return ranked
+
+
+def reasoning_rankings(model: Any, tokenizer: Any, decoder: Any, bundle: Bundle, rows: Sequence[EvalRow],
+                       k: int = 10, beams: int = 20, max_new_tokens: int = 96, batch_size: int = 16,
+                       max_history: int | None = None, desc: str = "eval reasoning",
+                       priors: Sequence[Any] = (None,)) -> tuple[list[list[list[str]]], float]:
+    """Reasoning mode: greedy reasoning after THINK_START, then THINK_END ANSWER and the constrained
+    top-k IDs (the same beam search and scoring as direct mode). The reasoning is generated once and
+    the answer decoded once per entry of `priors` (None: the model alone). Returns one list of
+    rankings per prior and the share of rows whose reasoning was closed by THINK_END (format rate)."""
+    from training.srpo import generate_reasoning
+
+    max_history = max_history or bundle.prompt_history or 10
+    suffix = tokenizer(tokens.reasoning_answer_suffix(), add_special_tokens=False)["input_ids"]
+    ranked: list[list[list[str]]] = [[] for _ in priors]
+    closed_total = 0
+    for start in tqdm(range(0, len(rows), batch_size), desc=desc, unit="batch"):
+        chunk = rows[start: start + batch_size]
+        prompts = [tokens.reasoning_prompt(spell_history(bundle, r.history[-max_history:])) for r in chunk]
+        prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+        reasoning, closed = generate_reasoning(model, tokenizer, prompt_ids, max_new_tokens)
+        closed_total += sum(closed)
+        ids = [p + r + suffix for p, r in zip(prompt_ids, reasoning, strict=True)]
+        for out, prior in zip(ranked, priors, strict=True):
+            results = decoder.topk([""] * len(ids), [k] * len(ids), [beams] * len(ids), prompt_ids=ids,
+                                   biases=prior_biases(bundle, prior, chunk))
+            out += [[bundle.items[s.index].item_id for s in res] for res in results]
+    return ranked, closed_total / max(1, len(rows))
+
+
+def evaluate_modes(model: Any, tokenizer: Any, bundle: Bundle, rows: Sequence[EvalRow], modes: Sequence[str],
+                   label: str, beams: int = 20, k: int = 10, reasoning_rows: int | None = None,
+                   reasoning_tokens: int = 96, prior: Any = None,
+                   variants: Sequence[tuple[str, Any]] | None = None,
+                   max_history: int | None = None) -> dict[str, dict[str, float]]:
+    """{"<label> (direct)": metrics, "<label> (reasoning)": metrics} with the service's decoder, fused
+    with the collaborative prior `prior` (model_store.prior) when given. `variants` [(label, prior)]
+    evaluates several priors (None: the model alone) with one reasoning generation per row."""
+    from service.engine.shared_prefix import make_decoder  # the service's own decoder
+
+    variants = list(variants) if variants is not None else [(label, prior)]
+    model.eval()
+    decoder = make_decoder(model, tokenizer, bundle.trie, tokens.id_token_ids(tokenizer, bundle.id_format))
+    out: dict[str, dict[str, float]] = {}
+    if "direct" in modes:
+        for name, p in variants:
+            ranked = model_rankings(decoder, bundle, rows, k=k, beams=beams, desc=f"eval {name} direct", prior=p,
+                                    max_history=max_history)
+            out[f"{name} (direct)"] = ranking_metrics(ranked, [r.target for r in rows])
+    if "reasoning" in modes:
+        sub = list(rows[:reasoning_rows]) if reasoning_rows else list(rows)
+        rankings, fmt = reasoning_rankings(model, tokenizer, decoder, bundle, sub, k=k, beams=beams,
+                                           max_new_tokens=reasoning_tokens, desc=f"eval {label} reasoning",
+                                           priors=[p for _, p in variants], max_history=max_history)
+        for (name, _), ranked in zip(variants, rankings, strict=True):
+            out[f"{name} (reasoning)"] = {**ranking_metrics(ranked, [r.target for r in sub]), "format_rate": fmt,
+                                          "rows": len(sub)}
+    return out
 
 
 def format_table(metrics: dict[str, dict[str, float]]) -> str:

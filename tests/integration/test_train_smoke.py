@@ -79,7 +79,7 @@ def test_train_then_serve_then_eval(tmp_path: Path, capsys: pytest.CaptureFixtur
     staged = tmp_path / "staged"
     assert main(["prior", "--bundle", str(refit), "--data", str(data), "--out", str(staged), "--with-stages"]) == 0
     capsys.readouterr()
-    from training.recipe import stage_bundle_paths
+    from training.stages.validation import stage_bundle_paths
 
     staged_bundle = load_bundle(staged)
     assert staged_bundle.prior is not None and staged_bundle.prior.settings == again.prior.settings
