@@ -1,16 +1,15 @@
-"""The engine benchmark's bookkeeping: rounds cover every request once, engines take turns on them."""
+"""The engine benchmark's bookkeeping: rounds cover every request once, engines take turns on them,
+window runs keep the server at full concurrency, and the paired bare engine gets the gateway's
+settings. Time is simulated where it matters, so nothing here depends on the machine's speed."""
 
 from __future__ import annotations
 
-import sys
-import time
+import asyncio
 from pathlib import Path
 
-import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "loadtests"))
-
-from bench_engine import rounds_of, run_interleaved, run_window
+from loadtests.engine_bench.gateway import engine_settings
+from loadtests.engine_bench.timing import rounds_of, run_async, run_interleaved, run_window
+from loadtests.harness import parse_metrics
 
 
 def test_rounds_cover_every_request_once() -> None:
@@ -34,54 +33,75 @@ def test_engines_take_turns_and_keep_request_order() -> None:
     assert calls == ["x", "x", "y", "y", "y", "y", "x", "x"]  # the order rotates each round
     for row in rows.values():
         assert row.results == [[len(p)] for p in prompts]
-        assert len(row.latencies_s) == len(prompts) and row.wall_s > 0
+        assert len(row.latencies_s) == len(prompts)
+
+
+class FakeServer:
+    """Requests that take 1-3 ms of simulated time each; records how many were in flight when each
+    one completed, and when."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.in_flight: list[int] = []
+        self.completions: list[tuple[float, int]] = []  # (time, requests in flight)
+
+    def clock(self) -> float:
+        return self.now
+
+    async def handle(self, i: int) -> list[int]:
+        self.in_flight.append(i)
+        await asyncio.sleep(0)  # the other callers send theirs
+        self.now += 0.001 * (1 + i % 3)
+        self.completions.append((self.now, len(self.in_flight)))
+        self.in_flight.remove(i)
+        return [i, i + 1]
 
 
 def test_window_runs_keep_the_server_at_full_concurrency() -> None:
     """Requests that complete inside the window are the row; callers cycle over the requests, so the
     server sees `concurrency` of them for the whole window (no ramp-down, which a fixed set of
     requests has at its end), and every request's own result comes back once, in order."""
-    import asyncio
+    server = FakeServer()
+    row = asyncio.run(run_window("fake", server.handle, range(10, 30), 4, window_s=0.3, warm_up_s=0.1,
+                                 progress=False, clock=server.clock))
+    assert row.results == [[i, i + 1] for i in range(10, 30)]
+    assert row.wall_s == 0.3
+    in_window = [seen for at, seen in server.completions if 0.1 <= at <= 0.4]
+    assert len(row.latencies_s) == len(in_window) > 20
+    assert set(in_window) == {4}
+    assert row.rps == len(in_window) / 0.3
 
-    from bench_engine import run_async
-
-    def run(runner: object, *extra: float) -> tuple[object, list[int], list[float]]:
-        in_flight: list[int] = []
-        at_completion: list[int] = []
-        ends: list[float] = []
-
-        async def fn(i: int) -> list[int]:
-            in_flight.append(i)
-            await asyncio.sleep(0.002 * (1 + i % 3))
-            at_completion.append(len(in_flight))
-            ends.append(time.perf_counter())
-            in_flight.remove(i)
-            return [i, i + 1]
-
-        t0 = time.perf_counter()
-        row = asyncio.run(runner("fake", fn, range(10, 30), 4, *extra))  # type: ignore[operator]
-        return row, at_completion, [e - t0 for e in ends]
-
-    row, seen, ends = run(run_window, 0.3, 0.1)
-    assert row.results == [[i, i + 1] for i in range(10, 30)]  # type: ignore[attr-defined]
-    assert row.wall_s == 0.3  # type: ignore[attr-defined]
-    in_window = [e for e in ends if 0.1 <= e <= 0.4]
-    assert len(row.latencies_s) == pytest.approx(len(in_window), abs=4)  # type: ignore[attr-defined]
-    assert all(0 < t < 0.1 for t in row.latencies_s)  # type: ignore[attr-defined]
-    # 4 callers, 2-6 ms each (mean 4 ms): about 1000 requests/s, whatever the request count.
-    assert 500 < row.rps < 1100  # type: ignore[attr-defined]
-    window_seen = [n for n, e in zip(seen, ends, strict=True) if 0.1 <= e <= 0.4]
-    assert set(window_seen) == {4}
-    _, plain, _ = run(run_async)
-    assert plain[-3:] == [3, 2, 1]  # what the window run avoids
+    fixed = FakeServer()
+    asyncio.run(run_async("fake", fixed.handle, range(10, 30), 4))
+    assert [seen for _, seen in fixed.completions][-3:] == [3, 2, 1]  # what the window run avoids
 
 
 def test_the_paired_bare_engine_has_the_gateways_settings(tmp_path: Path) -> None:
     """The bare row runs the engine the gateway builds from the same environment."""
-    from bench_engine import engine_settings
-
-    env = {"GREAM_ENGINE_WORKERS": "3", "GREAM_TORCH_THREADS": "1", "GREAM_MAX_BATCH": "16",
+    env = {"GREAM_DECODE_WORKERS": "3", "GREAM_TORCH_THREADS": "1", "GREAM_MAX_BATCH": "16",
            "GREAM_NOT_A_SETTING": "x", "PATH": "/bin"}
     settings = engine_settings(tmp_path, env)
-    assert (settings.engine_workers, settings.torch_threads, settings.max_batch) == (3, 1, 16)
+    assert (settings.decode_workers, settings.torch_threads, settings.max_batch) == (3, 1, 16)
     assert settings.bundle == tmp_path
+
+
+def test_metrics_are_parsed_with_labels_summed_away() -> None:
+    text = """# HELP gream_engine_batch_size Requests per forward pass.
+# TYPE gream_engine_batch_size histogram
+gream_engine_batch_size_bucket{le="1.0"} 2.0
+gream_engine_batch_size_bucket{le="+Inf"} 5.0
+gream_engine_batch_size_count 5.0
+gream_engine_batch_size_sum 40.0
+# HELP gream_redis_errors_total Redis errors.
+# TYPE gream_redis_errors_total counter
+gream_redis_errors_total{op="get"} 2.0
+gream_redis_errors_total{op="append"} 3.0
+# HELP gream_engine_workers Decode workers.
+# TYPE gream_engine_workers gauge
+gream_engine_workers 2.0
+"""
+    metrics = parse_metrics(text)
+    assert metrics["gream_engine_batch_size_sum"] == 40.0
+    assert metrics["gream_engine_batch_size_count"] == 5.0
+    assert metrics["gream_redis_errors_total"] == 5.0
+    assert metrics["gream_engine_workers"] == 2.0
