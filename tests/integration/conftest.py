@@ -9,9 +9,6 @@ Tests that use these fixtures mark themselves `pytest.mark.asyncio(loop_scope="s
 from __future__ import annotations
 
 import asyncio
-import os
-import socket
-import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
@@ -21,7 +18,8 @@ import httpx
 import pytest
 import pytest_asyncio
 
-REDIS_URL = os.environ.get("GREAM_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+from loadtests.harness import free_port
+from tests.support.redis_db import REDIS_URL, delete_namespace_async, new_namespace
 
 
 @pytest.fixture(scope="session")
@@ -47,17 +45,9 @@ async def gw_engine(gw_bundle: Any) -> AsyncIterator[Any]:
 @pytest_asyncio.fixture(loop_scope="session")
 async def redis_namespace() -> AsyncIterator[str]:
     """A key namespace of this test's own on db 15; only its keys are deleted afterwards."""
-    import redis.asyncio as redis
-
-    namespace = f"gtest{uuid.uuid4().hex[:10]}"
+    namespace = new_namespace()
     yield namespace
-    client = redis.from_url(REDIS_URL)
-    try:
-        keys = [k async for k in client.scan_iter(match=f"{namespace}:*")]
-        if keys:
-            await client.delete(*keys)
-    finally:
-        await client.aclose()
+    await delete_namespace_async(namespace)
 
 
 def gw_settings(tiny_bundle_dir: Path, **overrides: Any) -> Any:
@@ -90,12 +80,6 @@ def make_client(tiny_bundle_dir: Path, gw_engine: Any, redis_namespace: str
                 yield client
 
     return factory
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture
