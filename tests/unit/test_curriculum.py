@@ -22,7 +22,7 @@ from training.curriculum import (
 @pytest.fixture(scope="module")
 def bundle_and_sequences(tmp_path_factory: pytest.TempPathFactory):
     from model_store.bundle import load_bundle
-    from tests.conftest import make_tiny_bundle
+    from tests.support.bundles import make_tiny_bundle
 
     bundle = load_bundle(make_tiny_bundle(tmp_path_factory.mktemp("cur") / "b", n_items=150, with_model=False))
     rng = np.random.default_rng(0)
@@ -90,10 +90,15 @@ def test_denoised_rewrite_is_subsequence_of_history(bundle_and_sequences) -> Non
 
 
 def test_teacher_failure_falls_back_to_templates(bundle_and_sequences, tmp_path: Path) -> None:
+    import httpx
+
     from training.curriculum import TeacherClient
 
     bundle, seqs = bundle_and_sequences
-    teacher = TeacherClient("http://127.0.0.1:9", timeout=0.5)  # nothing listens there
+    teacher = TeacherClient("http://teacher.invalid/v1", timeout=0.5)
+    # An endpoint that fails every request, without a socket.
+    teacher.client = httpx.Client(base_url="http://teacher.invalid/v1",
+                                  transport=httpx.MockTransport(lambda request: httpx.Response(503)))
     few = dict(list(seqs.items())[:3])
     examples = curriculum_examples(bundle, few, stages=4, teacher=teacher)
     assert examples and teacher.failures == len(examples)

@@ -78,7 +78,7 @@ def test_constrained_sampler_yields_only_catalog_ids(tmp_path: Path) -> None:
 
     from model_store import tokens
     from model_store.bundle import load_bundle
-    from tests.conftest import make_tiny_bundle
+    from tests.support.bundles import make_tiny_bundle
 
     bundle = load_bundle(make_tiny_bundle(tmp_path / "b", n_items=120))
     tok = AutoTokenizer.from_pretrained(str(bundle.tokenizer_path))
