@@ -21,20 +21,19 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi import FastAPI
 from starlette.datastructures import MutableHeaders
-from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.api.deps import ApiError, require_api_key
+from service.api.deps import require_api_key
+from service.api.errors import install_error_handlers, json_error
 from service.api.routes import health, items, recommendations, users
+from service.api.streaming import document_stream_events
 from service.config import Settings, load_settings
-from service.engine.base import Engine, EngineOverloaded, EngineUnavailable
-from service.history import HistoryStore, HistoryUnavailable, create_history_store
+from service.engine.base import Engine
+from service.history import HistoryStore, create_history_store
 from service.metrics import Metrics
-from service.recommender import Recommender, UnknownItems
+from service.recommender import Recommender
 from service.runtime import REQUEST_ID, configure_logging, freeze_heap
 
 log = logging.getLogger("gream")
@@ -45,14 +44,6 @@ _BODY_METHODS = {"POST", "PUT", "PATCH"}
 
 
 # ------------------------------------------------------------------ middleware
-def _json_error(status: int, code: str, message: str, rid: str | None,
-                errors: list[dict[str, Any]] | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
-    body: dict[str, Any] = {"code": code, "message": message, "request_id": rid}
-    if errors:
-        body["errors"] = errors
-    return JSONResponse(body, status_code=status, headers=headers)
-
-
 class GatewayMiddleware:
     def __init__(self, app: ASGIApp, settings: Settings, metrics: Metrics):
         self.app = app
@@ -101,7 +92,7 @@ class GatewayMiddleware:
         limit = self._body_limit(scope["path"])
 
         async def too_large(scope: Scope, receive: Receive, send: Send) -> None:  # built only when needed
-            await _json_error(413, "payload_too_large", f"request body exceeds {limit} bytes", rid,
+            await json_error(413, "payload_too_large", f"request body exceeds {limit} bytes", rid,
                               errors=[{"field": "body", "message": f"at most {limit} bytes"}])(scope, receive, send)
 
         declared = headers.get(b"content-length")
@@ -132,62 +123,6 @@ class GatewayMiddleware:
             return await receive()  # later calls wait for the disconnect, as streaming needs
 
         return replay
-
-
-# ------------------------------------------------------------------ error handlers
-def _rid(request: Request) -> str | None:
-    return getattr(request.state, "request_id", None)
-
-
-def _install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(ApiError)
-    async def api_error(request: Request, exc: ApiError) -> JSONResponse:
-        return _json_error(exc.status, exc.code, exc.message, _rid(request), exc.errors, exc.headers)
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = []
-        for err in exc.errors():
-            loc = [str(p) for p in err.get("loc", ()) if p != "body"]
-            errors.append({"field": ".".join(loc) or "body", "message": err.get("msg", "invalid")})
-        message = "; ".join(f"{e['field']}: {e['message']}" for e in errors)
-        return _json_error(422, "invalid_request", message, _rid(request), errors)
-
-    @app.exception_handler(UnknownItems)
-    async def unknown_items(request: Request, exc: UnknownItems) -> JSONResponse:
-        errors = [{"field": f, "message": f"{len(ids)} unknown item id(s)", "item_ids": ids}
-                  for f, ids in exc.unknown.items()]
-        return _json_error(422, "unknown_items", str(exc), _rid(request), errors)
-
-    @app.exception_handler(HistoryUnavailable)
-    async def store_down(request: Request, exc: HistoryUnavailable) -> JSONResponse:
-        return _json_error(503, "history_unavailable",
-                           f"{exc}. Requests that send 'history' in the body still work.",
-                           _rid(request), headers={"Retry-After": "5"})
-
-    @app.exception_handler(EngineOverloaded)
-    async def overloaded(request: Request, exc: EngineOverloaded) -> JSONResponse:
-        request.app.state.metrics.engine_rejected.labels("overloaded").inc()
-        retry = str(max(1, int(-(-exc.retry_after // 1))))
-        return _json_error(429, "overloaded", f"{exc}; retry after {retry} s", _rid(request),
-                           headers={"Retry-After": retry})
-
-    @app.exception_handler(EngineUnavailable)
-    async def engine_down(request: Request, exc: EngineUnavailable) -> JSONResponse:
-        request.app.state.metrics.engine_rejected.labels("unavailable").inc()
-        return _json_error(503, "engine_unavailable", str(exc), _rid(request), headers={"Retry-After": "5"})
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, f"http_{exc.status_code}")
-        return _json_error(exc.status_code, code, str(exc.detail), _rid(request),
-                           headers=dict(exc.headers or {}))
-
-    @app.exception_handler(Exception)
-    async def crashed(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error", exc_info=exc)
-        return _json_error(500, "internal_error", "internal error; see the server log for this request id",
-                           _rid(request))
 
 
 # ------------------------------------------------------------------ application
@@ -254,11 +189,12 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None,
     app.state.bundle = app.state.engine = app.state.history = app.state.recommender = None
     app.state.search = None
     app.state.starting = True
-    _install_error_handlers(app)
+    install_error_handlers(app)
+    document_stream_events(app)
     for module in (recommendations, users, items, health):
         app.include_router(module.router)
     app.include_router(recommendations.eventsource_router)
-    if settings.engine_worker:
+    if settings.expose_engine_api:
         from service.api.routes.worker import worker_router
 
         app.include_router(worker_router(dependencies=[require_api_key]))

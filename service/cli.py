@@ -136,7 +136,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "bundle": args.bundle, "host": args.host, "port": args.port, "engine": args.engine,
         "engine_urls": args.engine_url or None, "redis_url": args.redis_url,
         "api_keys": args.api_key or None, "demo_page": args.demo_page or None,
-        "engine_worker": args.engine_worker or None, "engine_process": args.engine_process,
+        "expose_engine_api": args.expose_engine_api or None, "engine_subprocess": args.engine_subprocess,
     }.items() if v is not None}
     serve(overrides)
     return 0
@@ -214,10 +214,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--redis-url", default=None)
     serve.add_argument("--api-key", action="append", help="require this bearer key (repeatable)")
     serve.add_argument("--demo-page", action="store_true", default=None, help="serve the browser demo at /demo")
-    serve.add_argument("--engine-worker", action="store_true", default=None,
+    serve.add_argument("--expose-engine-api", action="store_true", default=None,
                        help="also serve /internal/engine/* so gateways can route to this process")
-    serve.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=None,
-                       help="run the engine in a child process (default from GREAM_ENGINE_PROCESS; unset: yes for "
+    serve.add_argument("--engine-subprocess", action=argparse.BooleanOptionalAction, default=None,
+                       help="run the engine in a child process (default from GREAM_ENGINE_SUBPROCESS; unset: yes for "
                             "transformers, no for vllm)")
     serve.set_defaults(func=cmd_serve)
 

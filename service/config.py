@@ -7,6 +7,10 @@ comma-separated string, because that is what people type into compose files and 
 
 from __future__ import annotations
 
+import difflib
+import logging
+import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
@@ -45,9 +49,9 @@ class Settings(BaseSettings):
                                                          "AsyncLLM (needs the vllm extra)")
     engine_urls: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="remote engine workers; when set, the gateway runs no model itself")
-    engine_worker: bool = Field(False, description="also expose /internal/engine/* so gateways can use this "
-                                                   "process as a remote engine worker")
-    engine_process: bool | None = Field(
+    expose_engine_api: bool = Field(False, description="also expose /internal/engine/* so gateways can use "
+                                                       "this process as a remote engine worker")
+    engine_subprocess: bool | None = Field(
         None, description="run the local engine in a child process, so HTTP work and decoding do not share "
                           "one GIL (service.engine.process); unset = yes for the transformers engine, whose "
                           "beam loop is Python, no for vLLM, whose AsyncLLM decodes in a process of its own")
@@ -94,9 +98,9 @@ class Settings(BaseSettings):
                                                                 "answered 429 (overloaded)")
     reasoning_temperature: float = Field(0.0, ge=0, description="sampling temperature of the reasoning text; "
                                                                 "0 = greedy")
-    engine_workers: int | None = Field(None, ge=1, description="decode workers of the transformers engine, each "
+    decode_workers: int | None = Field(None, ge=1, description="decode workers of the transformers engine, each "
                                       "running its own batches; unset = 2 where there are two or more cores")
-    torch_threads: int | None = Field(None, ge=1, description="torch threads of each engine worker; unset = "
+    torch_threads: int | None = Field(None, ge=1, description="torch threads of each decode worker; unset = "
                                       "torch's thread count divided among the workers")
     dtype: DType = Field("float32", description="dtype the model is loaded in")
 
@@ -159,16 +163,39 @@ class Settings(BaseSettings):
         return self.default_reasoning_tokens or min(256, self.max_reasoning_tokens)
 
     @property
-    def engine_in_child_process(self) -> bool:
-        """Whether the gateway runs its local engine in a child process (engine_process, or its default)."""
-        return self.engine_process if self.engine_process is not None else self.engine == "transformers"
+    def use_engine_subprocess(self) -> bool:
+        """Whether the gateway runs its local engine in a child process (engine_subprocess, or its default)."""
+        return self.engine_subprocess if self.engine_subprocess is not None else self.engine == "transformers"
 
     @property
     def auth_enabled(self) -> bool:
         return bool(self.api_keys)
 
 
-def load_settings(overrides: dict[str, Any] | None = None) -> Settings:
+# Variables that were renamed: a deployment still setting one would otherwise lose it without a word.
+RENAMED_VARIABLES = {"GREAM_ENGINE_WORKER": "GREAM_EXPOSE_ENGINE_API",
+                     "GREAM_ENGINE_PROCESS": "GREAM_ENGINE_SUBPROCESS",
+                     "GREAM_ENGINE_WORKERS": "GREAM_DECODE_WORKERS"}
+
+
+def check_environment(environ: Mapping[str, str]) -> list[str]:
+    """Raise ValueError for a renamed `GREAM_*` variable; return a warning for each unknown one that
+    looks like a misspelt setting."""
+    renamed = [f"{old} is now {new}" for old, new in RENAMED_VARIABLES.items() if old in environ]
+    if renamed:
+        raise ValueError("renamed settings: " + "; ".join(renamed) + " (docs/configuration.md)")
+    known = {f"GREAM_{name.upper()}" for name in Settings.model_fields}
+    warnings = []
+    for name in sorted(n for n in environ if n.startswith("GREAM_") and n not in known):
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.85)
+        if close:
+            warnings.append(f"{name} is not a setting; did you mean {close[0]}?")
+    return warnings
+
+
+def load_settings(overrides: dict[str, Any] | None = None, environ: Mapping[str, str] | None = None) -> Settings:
     """Environment and defaults, then explicit overrides (CLI flags; None values mean 'not given')."""
+    for warning in check_environment(os.environ if environ is None else environ):
+        logging.getLogger("gream.config").warning(warning)
     given = {k: v for k, v in (overrides or {}).items() if v is not None}
     return Settings(**given)

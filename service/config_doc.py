@@ -5,7 +5,7 @@
 
 Every `Settings` field becomes a row (its `GREAM_*` variable, type, default and description); the
 variables read outside `Settings` (training, load tests, compose files) are listed by hand in
-`OTHER_VARIABLES`. The output depends only on this module and `Settings`, so it is deterministic and
+`OTHER_VARIABLES`, and the renamed ones come from `service.config.RENAMED_VARIABLES`. The output depends only on this module and `Settings`, so it is deterministic and
 `tests/unit/test_configuration_doc.py` can compare it with the committed file.
 """
 
@@ -22,7 +22,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
-from service.config import Settings
+from service.config import RENAMED_VARIABLES, Settings
 
 DOC_PATH = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
 REGENERATE_COMMAND = "python -m service.config_doc"
@@ -163,6 +163,12 @@ SETTINGS_INTRO = (
     "lists take a JSON list or a comma-separated string."
 )
 OTHERS_INTRO = "Read outside `Settings`, by the training command, the load tests and the compose file."
+RENAMED_INTRO = ("`gream serve` refuses to start while an old name is set, and names the new one; an unknown "
+                 "`GREAM_*` variable close to a setting's name is logged as a warning.")
+
+
+def renamed_rows() -> list[str]:
+    return [f"| `{old}` | `{new}` |" for old, new in sorted(RENAMED_VARIABLES.items())]
 
 
 def render_configuration_markdown() -> str:
@@ -191,6 +197,14 @@ def render_configuration_markdown() -> str:
         "",
         (f"Help texts write {placeholders} for the variable of any setting above (for example "
          "`--gateway-env GREAM_X=V` of the engine benchmark)."),
+        "",
+        "## Renamed variables",
+        "",
+        "`gream serve` refuses to start while one of these old names is set, naming its new one.",
+        "",
+        "| old variable | new variable |",
+        "| --- | --- |",
+        *(f"| `{old}` | `{new}` |" for old, new in sorted(RENAMED_VARIABLES.items())),
         "",
     ]
     return "\n".join(lines)

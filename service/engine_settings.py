@@ -26,7 +26,7 @@ def local_engine_config(settings: Settings) -> LocalEngineConfig:
         return VLLMEngineConfig(**common)
     return TransformersEngineConfig(**common, max_batch=settings.max_batch, batch_wait_ms=settings.batch_wait_ms,
                                     batch_wait_max_ms=settings.batch_wait_max_ms,
-                                    workers=settings.engine_workers, torch_threads=settings.torch_threads)
+                                    workers=settings.decode_workers, torch_threads=settings.torch_threads)
 
 
 def process_options(settings: Settings) -> ProcessOptions:
@@ -45,7 +45,7 @@ def create_engine(settings: Settings, bundle: Bundle) -> Engine:
 
         return RemoteEngine(remote_engine_config(settings, expected_version=bundle.version))
     config = local_engine_config(settings)
-    if settings.engine_in_child_process:
+    if settings.use_engine_subprocess:
         from service.engine.process import ProcessEngine
 
         return ProcessEngine(bundle, config, process_options(settings))

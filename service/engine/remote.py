@@ -2,7 +2,7 @@
 
 A gateway started with `--engine-url` (one or more) runs no model: it validates, builds prompts and
 forwards `EngineRequest`s to workers round robin, failing over to the next worker on connection
-errors. A worker is an ordinary `gream serve` with `engine_worker` on, which mounts
+errors. A worker is an ordinary `gream serve` with `expose_engine_api` on (`--expose-engine-api`), which mounts
 (service/api/routes/worker.py, wire format in service/engine/wire.py):
 
     POST /internal/engine/topk     EngineRequest JSON -> {"items": [{"index", "score"}]}

@@ -59,7 +59,7 @@ def test_compose_has_the_fleet() -> None:
     gateway_env = services["gateway"]["environment"]
     assert "engine-1:8000" in gateway_env["GREAM_ENGINE_URLS"]
     assert "engine-2:8000" in gateway_env["GREAM_ENGINE_URLS"]
-    assert services["engine-1"]["environment"]["GREAM_ENGINE_WORKER"] == "true"
+    assert services["engine-1"]["environment"]["GREAM_EXPOSE_ENGINE_API"] == "true"
     assert services["gateway"]["depends_on"]["redis"]["condition"] == "service_healthy"
 
 

@@ -23,7 +23,7 @@ KEY = "worker-key-123"
 def worker_app(gateway_settings: Any, gw_engine: Any) -> Any:
     from service.app import create_app
 
-    return create_app(gateway_settings(engine_worker=True, api_keys=[KEY]), engine=gw_engine)
+    return create_app(gateway_settings(expose_engine_api=True, api_keys=[KEY]), engine=gw_engine)
 
 
 async def test_remote_engine_matches_in_process_and_fails_over(make_client: Any, worker_app: Any, serve_app: Any,

@@ -83,7 +83,7 @@ def test_engine_workers_reach_the_engine_and_split_the_cores() -> None:
     from service.engine.workers import worker_layout
     from service.engine_settings import local_engine_config
 
-    config = local_engine_config(Settings(engine_workers=3, torch_threads=2))
+    config = local_engine_config(Settings(decode_workers=3, torch_threads=2))
     assert (config.kind, config.workers, config.torch_threads) == ("transformers", 3, 2)
     assert worker_layout(1, 3) == (1, 3)
     assert worker_layout(4, None)[0] == 4
@@ -94,7 +94,22 @@ def test_engine_workers_reach_the_engine_and_split_the_cores() -> None:
 
 
 def test_the_transformers_engine_runs_in_a_child_process_unless_told_otherwise() -> None:
-    assert Settings().engine_in_child_process  # its Python beam loop would share the gateway's GIL
-    assert not Settings(engine="vllm").engine_in_child_process  # AsyncLLM decodes in a process of its own
-    assert not Settings(engine_process=False).engine_in_child_process
-    assert Settings(engine="vllm", engine_process=True).engine_in_child_process
+    assert Settings().use_engine_subprocess  # its Python beam loop would share the gateway's GIL
+    assert not Settings(engine="vllm").use_engine_subprocess  # AsyncLLM decodes in a process of its own
+    assert not Settings(engine_subprocess=False).use_engine_subprocess
+    assert Settings(engine="vllm", engine_subprocess=True).use_engine_subprocess
+
+
+def test_a_renamed_variable_is_an_error_naming_its_new_name() -> None:
+    from service.config import check_environment
+
+    with pytest.raises(ValueError, match="GREAM_ENGINE_WORKERS is now GREAM_DECODE_WORKERS"):
+        check_environment({"GREAM_ENGINE_WORKERS": "2"})
+    assert check_environment({"GREAM_DECODE_WORKERS": "2", "GREAM_CACHE_DIR": "/tmp"}) == []
+
+
+def test_a_misspelt_variable_is_warned_about_with_the_setting_it_resembles() -> None:
+    from service.config import check_environment
+
+    assert check_environment({"GREAM_MAX_BATCHES": "8"}) == [
+        "GREAM_MAX_BATCHES is not a setting; did you mean GREAM_MAX_BATCH?"]

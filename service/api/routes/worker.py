@@ -1,6 +1,6 @@
 """The engine worker's internal routes: how gateways use this process's engine (`app.state.engine`).
 
-Mounted when `engine_worker` is on; the client is service/engine/remote.py, the wire format
+Mounted when `expose_engine_api` is on; the client is service/engine/remote.py, the wire format
 service/engine/wire.py.
 """
 
