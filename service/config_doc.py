@@ -5,8 +5,9 @@
 
 Every `Settings` field becomes a row (its `GREAM_*` variable, type, default and description); the
 variables read outside `Settings` (training, load tests, compose files) are listed by hand in
-`OTHER_VARIABLES`, and the renamed ones come from `service.config.RENAMED_VARIABLES`. The output depends only on this module and `Settings`, so it is deterministic and
-`tests/unit/test_configuration_doc.py` can compare it with the committed file.
+`OTHER_VARIABLES`; renamed variables come from `service.config.RENAMED_VARIABLES`. The output depends
+only on this module and `service.config`, so it is deterministic and `tests/unit/test_configuration_doc.py`
+can compare it with the committed file.
 """
 
 from __future__ import annotations
@@ -200,11 +201,11 @@ def render_configuration_markdown() -> str:
         "",
         "## Renamed variables",
         "",
-        "`gream serve` refuses to start while one of these old names is set, naming its new one.",
+        RENAMED_INTRO,
         "",
         "| old variable | new variable |",
         "| --- | --- |",
-        *(f"| `{old}` | `{new}` |" for old, new in sorted(RENAMED_VARIABLES.items())),
+        *renamed_rows(),
         "",
     ]
     return "\n".join(lines)

@@ -10,7 +10,7 @@ import os
 import re
 from pathlib import Path
 
-from service.config import Settings
+from service.config import RENAMED_VARIABLES, Settings
 from service.config_doc import DOC_PATH, env_name, main, render_configuration_markdown
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -81,3 +81,11 @@ def test_every_variable_in_the_source_tree_is_documented() -> None:
                if name not in documented
                and not (name.endswith("_") and any(d.startswith(name) for d in documented))}
     assert not missing, f"GREAM_* variables missing from docs/configuration.md: {missing}"
+
+
+def test_no_source_sets_a_renamed_variable() -> None:
+    """`gream serve` refuses to start while an old name is set: nothing in the tree may still use one."""
+    found = variables_in_sources()
+    stale = {old: [f for f in found.get(old, []) if f != "service/config.py"] for old in RENAMED_VARIABLES}
+    stale = {old: files for old, files in stale.items() if files}
+    assert not stale, f"renamed GREAM_* variables still used (see docs/configuration.md): {stale}"
