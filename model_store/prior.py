@@ -6,16 +6,16 @@ counted in the training sequences carry the co-purchase signal that a small mode
 
     P(next | last item), P(item after next | second-to-last item), P(two steps on | last item)
 
-with a little popularity (the weighted-transitions baseline of ../shared/data/README.md), plus,
+with a little popularity (the weighted-transitions baseline of docs/training.md), plus,
 with `history_weight` > 0, the next-item counts of the history items before the last, each place
 further back weighted `history_decay` times less (what the whole history says, not just its last
-two items; tuned on valid on top of the baseline's terms, README "Collaborative prior"), then
+two items; tuned on valid on top of the baseline's terms, docs/training.md), then
 mixes in a uniform floor so that items never seen in training (3.5 % of amazon test targets) stay
 reachable. With `normalise_rows` False (the default) each term is a count instead of a
 probability (how often the pair was seen, not its share of the item's transitions), so a
 transition seen in many sequences outweighs one seen once. The weighted-transitions baseline
 chooses between the two on valid rows; on amazon-industrial valid picks counts, which give test
-NDCG@10 0.1064 against 0.1049 with probabilities (README, "Baselines").
+NDCG@10 0.1064 against 0.1049 with probabilities (docs/experiments/2026-12-02-*.md).
 
 Decoding fuses it with the model in one of two ways (`PriorSettings.fusion`), both defined on every
 trie node, so partial beams are ranked by what they can still reach (mass(n) is the prior
@@ -25,7 +25,7 @@ probability of the items below node n, m(n) the model's raw probability of the p
   distribution over items, the prior's share w. It is exact for prefixes too (the mixture's mass
   below n), and it lets the model rank the items the transitions know nothing about without pushing
   down the ones they are sure of (on amazon-industrial valid rows it ranks better than the product;
-  README, "Collaborative prior").
+  docs/experiments/2026-12-05-amazon-recipe.md).
 - "product" (shallow fusion, as language models are fused into speech recognisers):
   score(n) = log m(n) + strength * log mass(n); at a leaf, log p_model(ID) + strength * log p_prior(item).
 """
@@ -59,7 +59,7 @@ class PriorSettings:
     # history_weight * history_decay ** (p - 2). 0 keeps the weighted-transitions baseline's terms only.
     history_weight: float = 0.0
     history_decay: float = 0.5
-    # Defaults chosen on amazon-industrial valid rows (README, "Collaborative prior").
+    # Defaults chosen on amazon-industrial valid rows (docs/experiments/2026-12-05-amazon-recipe.md).
     floor: float = 0.02  # share of uniform mass, so items without transitions stay reachable
     fusion: Literal["mixture", "product"] = "mixture"
     strength: float = 2.0  # product fusion: weight of log p_prior against the model's log-probability

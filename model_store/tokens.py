@@ -3,7 +3,7 @@
 Training builds its examples from these templates and serving builds its prompts from them, so the
 two can never drift apart. Nothing else in the project writes `<a_12>` or `<|answer|>` by hand.
 
-Prompt layout (see DESIGN.md, "Prompt layout and caching"): a fixed preamble, then the history oldest
+Prompt layout (docs/architecture.md, "Prompt layout and caching"): a fixed preamble, then the history oldest
 first, then a short mode-specific suffix. A user's successive prompts therefore share their prefix,
 which the engine's prefix cache reuses.
 """

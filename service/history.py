@@ -1,7 +1,7 @@
 """Per-user interaction histories: Redis in production, an in-memory store as the embedded default.
 
 Both stores keep at most `cap` items per user, oldest first, and trim the oldest in chunks of
-`drop_chunk` (DESIGN.md, "Prompt layout and caching"): trimming one item per event would change the
+`drop_chunk` (docs/architecture.md, "Prompt layout and caching"): trimming one item per event would change the
 prompt's first tokens on every request and defeat the engine's prefix cache. Each user's list
 expires `ttl` seconds after its last write.
 

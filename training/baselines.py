@@ -1,4 +1,4 @@
-"""The baselines every model is compared with in the same run (../shared/data/README.md lists them):
+"""The baselines every model is compared with in the same run (docs/training.md, "Baselines and the prior"):
 popularity, last-item transitions, weighted transitions (weights tuned on valid) and SASRec (epochs
 tuned on valid). Full ranking over all items; history items are not excluded."""
 
@@ -41,7 +41,7 @@ class TransitionBaseline:
 
 
 class WeightedTransitionBaseline:
-    """The strongest baseline of ../shared/data/README.md: a weighted sum of transitions from the last
+    """The strongest published baseline (docs/training.md, "Data"): a weighted sum of transitions from the last
     item, from the second-to-last item (skipping one), and two steps from the last item (through any
     intermediate), with a small popularity back-off. The weights, and whether the terms are counts or
     per-item probabilities, are tuned on valid rows against sequences cut before them (`tune`), then the
@@ -111,7 +111,7 @@ class WeightedTransitionBaseline:
 
 
 class SASRec:
-    """SASRec (Kang & McAuley 2018) as in ../shared/data/README.md: item and position embeddings, 2
+    """SASRec (Kang & McAuley 2018) as in the published baselines: item and position embeddings, 2
     causal self-attention blocks of width 64, next-item prediction at every position with a full
     softmax over the catalog (3.7k items: cheaper and stronger than sampled negatives). The number
     of epochs is chosen on valid rows (`tune`), then the model is retrained on all of train.
@@ -210,7 +210,7 @@ class _SASRecNet(nn.Module):
         x = self.drop(self.item(ids) * self.dim ** 0.5 + self.pos(torch.arange(length))[None])
         # Causal, and padded keys hidden: sequences are left padded to max_len, and a history of 10
         # items that also attends to 40 pads has its attention diluted by them (valid NDCG@10 0.053
-        # against 0.064 with this mask, README). Each position keeps itself, so a pad query still has
+        # against 0.064 with this mask). Each position keeps itself, so a pad query still has
         # one key (no NaN); what pads compute is never read.
         eye = torch.eye(length, dtype=torch.bool)
         blocked = torch.triu(torch.ones(length, length, dtype=torch.bool), diagonal=1)[None] \

@@ -1,7 +1,7 @@
 """The engine interface: everything the gateway knows about the model runtime.
 
 An engine owns a bundle's tokenizer, model and trie. It turns a prompt into the top-k catalog items by
-trie-constrained beam search, scored as DESIGN.md says: the sum of the model's raw log-probabilities
+trie-constrained beam search, scored as docs/architecture.md says: the sum of the model's raw log-probs
 (softmax over the whole vocabulary) of the item's ID tokens, plus, when the bundle ships a
 collaborative prior and the request carries the history, `strength * log p_prior(item)`
 (model_store.prior). Engines differ only in how they run the

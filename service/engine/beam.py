@@ -2,7 +2,7 @@
 
 The engine supplies, per decoding step, the model's raw log-probabilities (log-softmax over the whole
 vocabulary) for each live beam; this module expands each beam only to its trie children (minus the
-request's exclusions), scores candidates by summed raw log-probabilities (DESIGN.md, "Scoring") and
+request's exclusions), scores candidates by summed raw log-probabilities (docs/architecture.md, "Scoring") and
 keeps the best `width` per prompt. Nothing here knows which runtime produced the numbers, so all
 engines rank identically.
 

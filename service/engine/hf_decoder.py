@@ -3,7 +3,7 @@
 Unlike `generate(num_beams=..., prefix_allowed_tokens_fn=...)` (the reference decoding of GREAM's and
 MiniOneRec's code), each prompt is prefilled once, its KV cache is copied to its beams once, only the
 last position's logits are computed, and the trie is consulted through flat arrays for all beams at
-once (see ../shared/notes/beam-search-cpu.md for the measurements behind these choices).
+once (docs/experiments/2026-11-27-beam-search-cpu.md has the measurements behind these choices).
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ HFTrieDecoder copies each prompt's KV cache to its beams once; this decoder neve
 decode step the beams of one prompt form a single query block that attends to the prompt's keys and
 values (computed once by the prefill) and, in the same softmax, to the beam's own 1-3 generated
 tokens; only those few generated keys/values are reordered between steps. On CPU this halves the
-decode cost again (../shared/notes/beam-search-cpu.md: 924 ms against 1718 ms at batch 32).
+decode cost again (docs/experiments/2026-11-27-beam-search-cpu.md: 924 ms against 1718 ms at batch 32).
 
 The prefill is a lean layer loop too: Hugging Face's generic forward (mask builders, cache objects,
 output wrappers) cost more than the arithmetic of a 60-token prompt on a small model (8 ms against

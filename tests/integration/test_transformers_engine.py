@@ -1,4 +1,4 @@
-"""The in-process engine on its own: micro-batching, batch-invariant answers, DESIGN.md scoring, and a
+"""The in-process engine on its own: micro-batching, batch-invariant answers, the documented scoring, and a
 shutdown that never leaves a caller waiting."""
 
 from __future__ import annotations
