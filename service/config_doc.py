@@ -66,6 +66,15 @@ OTHER_VARIABLES: tuple[EnvironmentVariable, ...] = (
                         "host folder mounted as the bundle (default `./var/demo-bundle`)"),
     EnvironmentVariable("GREAM_EXTRAS", "docker-compose.yml",
                         "the image's `EXTRAS` build argument, e.g. `vllm` (default none)"),
+    EnvironmentVariable("GREAM_TEST_REDIS_URL", "the test suite",
+                        "the Redis the tests use (default `redis://127.0.0.1:6379/15`)"),
+    EnvironmentVariable("GREAM_CHROMIUM", "the browser tests (tests/e2e)",
+                        "a Chromium binary to drive; unset = the system's `chromium`"),
+    EnvironmentVariable("GREAM_E2E_BUNDLE", "the browser test of the demo page",
+                        "the bundle it serves; unset = a tiny bundle built for the test"),
+    EnvironmentVariable("GREAM_E2E_SCREENSHOT", "the browser test of the demo page",
+                        "where its screenshot goes (default `var/demo-page.png`; `docs/demo-page.png` is "
+                        "made this way)"),
 )
 
 # Help texts write `GREAM_X` for "the variable of any setting".
@@ -163,7 +172,7 @@ SETTINGS_INTRO = (
     "a default, so `gream serve` runs with none. Booleans take `true`/`false` (also `1`/`0`, `yes`/`no`); "
     "lists take a JSON list or a comma-separated string."
 )
-OTHERS_INTRO = "Read outside `Settings`, by the training command, the load tests and the compose file."
+OTHERS_INTRO = "Read outside `Settings`: by the training command, the load tests, the compose file and the tests."
 RENAMED_INTRO = ("`gream serve` refuses to start while an old name is set, and names the new one; an unknown "
                  "`GREAM_*` variable close to a setting's name is logged as a warning.")
 
