@@ -99,11 +99,14 @@ def build_bundle(items: Sequence[Item] | str | Path, out: str | Path, cfg: Build
 
 
 def add_items(bundle_dir: str | Path, new_items: Iterable[Item] | str | Path, out: str | Path,
-              overwrite: bool = False, log: Any = print) -> tuple[Path, dict[str, Any]]:
+              overwrite: bool = False, log: Any = print,
+              vectors: np.ndarray | None = None) -> tuple[Path, dict[str, Any]]:
     """A new bundle version with items appended, coded by the existing codebooks.
 
     Existing items keep their IDs; the model and tokenizer are carried over unchanged (every ID token
-    already exists, since the tokenizer holds the full code vocabulary).
+    already exists, since the tokenizer holds the full code vocabulary). `vectors` are the new items'
+    embeddings when the catalog brings its own (as the bundle was built); by default their text is
+    embedded with the bundle's embedder.
     """
     bundle: Bundle = load_bundle(bundle_dir)
     new = read_catalog(new_items) if isinstance(new_items, (str, Path)) else list(new_items)
@@ -112,8 +115,11 @@ def add_items(bundle_dir: str | Path, new_items: Iterable[Item] | str | Path, ou
         raise BundleError(f"{len(clash)} new item id(s) already exist in the bundle, e.g. {clash[:5]}")
     settings = bundle.manifest["settings"]
     fields = tuple(settings["embedding"]["fields"])
-    log(f"embedding {len(new)} new items")
-    vectors = embed_texts([fused_text(it, fields) for it in new], settings["embedding"]["model"])
+    if vectors is None:
+        log(f"embedding {len(new)} new items")
+        vectors = embed_texts([fused_text(it, fields) for it in new], settings["embedding"]["model"])
+    elif len(vectors) != len(new):
+        raise BundleError(f"{len(vectors)} vectors for {len(new)} new items")
     fmt = bundle.id_format
     new_codes = assign_new_items(vectors, bundle.codebooks, bundle.codes, fmt.dedup_size)
     codes = np.concatenate([bundle.codes, new_codes])

@@ -1,8 +1,8 @@
 """The gateway application: `create_app(settings)` wires settings, bundle, engine, history store,
 metrics and routers; `serve(overrides)` runs it with uvicorn.
 
-The lifespan loads the bundle, builds the engine through the factory, warms it and connects the
-history store; /readyz reports "starting" until then. One pure-ASGI middleware gives every request
+The lifespan (service.lifespan) connects the history store, loads and warms the first model version
+and, with a registry, follows it (service.rollout); /readyz reports "starting" until then. One pure-ASGI middleware gives every request
 an id (X-Request-Id accepted or generated, echoed, passed to the engine and to every log line),
 enforces the body-size limit before anything parses the body, and records the access log and the
 per-route metrics. It is not a BaseHTTPMiddleware, which would get in the way of streaming and of
@@ -11,13 +11,10 @@ noticing client disconnects.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -27,14 +24,14 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.api.deps import require_api_key
 from service.api.errors import install_error_handlers, json_error
-from service.api.routes import health, items, recommendations, users
+from service.api.routes import admin, health, items, recommendations, users
 from service.api.streaming import document_stream_events
 from service.config import Settings, load_settings
 from service.engine.base import Engine
-from service.history import HistoryStore, create_history_store
+from service.history import HistoryStore
+from service.lifespan import gateway_lifespan
 from service.metrics import Metrics
-from service.recommender import Recommender
-from service.runtime import REQUEST_ID, configure_logging, freeze_heap
+from service.runtime import REQUEST_ID, configure_logging
 
 log = logging.getLogger("gream")
 access_log = logging.getLogger("gream.access")
@@ -133,65 +130,17 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None,
     settings = settings or load_settings()
     metrics = Metrics()
 
-    @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        from model_store.bundle import load_bundle
-        from model_store.registry import resolve_bundle_dir
-        from service.engine_settings import create_engine
-
-        bundle = getattr(engine, "bundle", None) if engine is not None else None
-        if bundle is None:
-            # A bundle folder, or a registry root whose `current` version is served.
-            bundle = await asyncio.to_thread(lambda: load_bundle(resolve_bundle_dir(settings.bundle)))
-        app.state.bundle = bundle
-        from service.search import TitleIndex
-
-        app.state.search = await asyncio.to_thread(TitleIndex.from_bundle, bundle)
-        store = history_store or create_history_store(settings, on_error=lambda op: metrics.redis_errors.labels(op).inc())
-        await store.connect()
-        app.state.history = store
-        eng = engine or create_engine(settings, bundle)
-        # Engines that batch take a hook; this app's metrics own it while the app runs (an engine
-        # passed in, e.g. shared by tests, gets its previous hook back on shutdown).
-        has_hook = hasattr(eng, "on_batch")
-        previous_hook = getattr(eng, "on_batch", None)
-        if has_hook:
-            eng.on_batch = metrics.observe_batch  # type: ignore[attr-defined]
-        metrics.bind_engine_stats(eng.stats)
-        try:
-            if not eng.ready:
-                await eng.start()
-            app.state.engine = eng
-            app.state.recommender = Recommender(bundle, eng, store, history_cap=settings.history_cap,
-                                                drop_chunk=settings.history_drop_chunk, metrics=metrics,
-                                                use_prior=settings.use_prior)
-            metrics.info.labels(bundle.version, eng.name).set(1)
-            freeze_heap()
-            app.state.starting = False
-            log.info("gateway ready", extra={"model_version": bundle.version, "engine": eng.name,
-                                             "history_store": store.kind, "auth": settings.auth_enabled})
-            yield
-        finally:
-            app.state.engine = None
-            app.state.recommender = None
-            if has_hook:
-                eng.on_batch = previous_hook  # type: ignore[attr-defined]
-            if engine is None:
-                await eng.close()
-            if history_store is None:
-                await store.close()
-
-    app = FastAPI(title="GREAM Serve", version="0.1.0", lifespan=lifespan,
+    app = FastAPI(title="GREAM Serve", version="0.1.0", lifespan=gateway_lifespan(settings, metrics, engine, history_store),
                   description="Generative recommendation with semantic item IDs: trie-constrained top-k, "
                               "streamed reasoning, cached user histories.")
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.bundle = app.state.engine = app.state.history = app.state.recommender = None
-    app.state.search = None
+    app.state.search = app.state.host = app.state.watcher = None
     app.state.starting = True
     install_error_handlers(app)
     document_stream_events(app)
-    for module in (recommendations, users, items, health):
+    for module in (recommendations, users, items, health, admin):
         app.include_router(module.router)
     app.include_router(recommendations.eventsource_router)
     if settings.expose_engine_api:

@@ -134,7 +134,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     overrides: dict[str, Any] = {k: v for k, v in {
         "bundle": args.bundle, "host": args.host, "port": args.port, "engine": args.engine,
-        "engine_urls": args.engine_url or None, "redis_url": args.redis_url,
+        "engine_urls": args.engine_url or None, "registry": args.registry, "redis_url": args.redis_url,
         "api_keys": args.api_key or None, "demo_page": args.demo_page or None,
         "expose_engine_api": args.expose_engine_api or None, "engine_subprocess": args.engine_subprocess,
     }.items() if v is not None}
@@ -207,6 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="run the HTTP gateway")
     serve.add_argument("--bundle", default=None, help="bundle folder or registry root (serves `current`)")
+    serve.add_argument("--registry", default=None, help="registry root: serve its current version and follow it "
+                       "(a newly activated version is swapped in live)")
     serve.add_argument("--host", default=None)
     serve.add_argument("--port", type=int, default=None)
     serve.add_argument("--engine", choices=["transformers", "vllm"], default=None)

@@ -55,6 +55,14 @@ class Settings(BaseSettings):
         None, description="run the local engine in a child process, so HTTP work and decoding do not share "
                           "one GIL (service.engine.process); unset = yes for the transformers engine, whose "
                           "beam loop is Python, no for vLLM, whose AsyncLLM decodes in a process of its own")
+    registry: Path | None = Field(None, description="registry root to serve and follow: its `current` version "
+                                  "is served, and a newly activated version is loaded and swapped in live")
+    registry_poll_s: float = Field(5.0, gt=0, le=3600, description="how often the registry's `current` pointer "
+                                   "is read")
+    swap_drain_timeout_s: float = Field(60.0, gt=0, description="longest wait for a replaced version's requests "
+                                        "to finish before it is closed")
+    admin_api_key: str | None = Field(None, repr=False, description="bearer key of the admin routes "
+                                      "(POST /admin/reload); unset = admin routes refused")
     engine_api_key: str | None = Field(None, repr=False, description="bearer key sent to remote workers")
     engine_timeout_s: float = Field(30.0, gt=0, description="per-call timeout to remote workers")
 

@@ -54,8 +54,15 @@ class Metrics:
         self.redis_errors = Counter("gream_redis_errors_total", "failed Redis operations", ["op"], registry=r)
         self.stream_disconnects = Counter("gream_stream_disconnects_total",
                                           "streams the client abandoned before the end", registry=r)
-        self.info = Gauge("gream_build_info", "bundle and engine being served",
+        self.info = Gauge("gream_build_info", "bundle and engine being served (1) or no longer served (0)",
                           ["model_version", "engine"], registry=r)
+        self.model_swaps = Counter("gream_model_swaps_total", "model version activations by outcome "
+                                   "(swapped, refused)", ["outcome"], registry=r)
+        self.model_loading = Gauge("gream_model_loading", "1 while a new model version is loading", registry=r)
+        self.history_items_dropped = Counter("gream_history_items_dropped_total", "cached history items that the "
+                                             "served version's catalog lacks, left out of prompts", registry=r)
+        self.served = Counter("gream_recommendations_total", "recommendations answered, by model version and mode",
+                              ["model_version", "mode"], registry=r)
 
     def observe_batch(self, size: int, seconds: float) -> None:
         """The engines' batch hook: one batch of `size` requests that took `seconds`."""

@@ -124,11 +124,14 @@ class Recommender:
             full, source = resolved["history"], "request"
         elif query.user_id is not None:
             cached = await self.store.get(query.user_id)  # HistoryUnavailable -> 503 upstream
-            # Items dropped from the catalog since they were recorded are skipped, not an error.
+            # Items dropped from the catalog since they were recorded (a new model version may lack
+            # them) are skipped and counted, not an error.
             full = [self.bundle.index_of[i] for i in cached if i in self.bundle.index_of]
             source = "cache" if full else "none"
             if self.metrics is not None:
                 self.metrics.history_cache.labels("hit" if full else "miss").inc()
+                if len(full) < len(cached):
+                    self.metrics.history_items_dropped.inc(len(cached) - len(full))
         else:
             full, source = [], "none"
         exclude = set(resolved.get("exclude_items", ()))
@@ -153,6 +156,8 @@ class Recommender:
         if plan.fallback or self._nothing_allowed(plan):
             return self._finish(plan, self._popular(plan))
         scored = await self.engine.recommend(self.engine_request(plan))
+        if self.metrics is not None:
+            self.metrics.served.labels(self.bundle.version, "direct").inc()
         return self._finish(plan, self._describe(scored))
 
     async def stream(self, plan: Plan, max_reasoning_tokens: int
@@ -173,6 +178,7 @@ class Recommender:
                 elif isinstance(event, ReasoningDone):
                     if self.metrics is not None:
                         self.metrics.reasoning_tokens.observe(event.reasoning_tokens)
+                        self.metrics.served.labels(self.bundle.version, "reasoning").inc()
                     result = self._finish(plan, self._describe(event.items))
                     result.reasoning_tokens = event.reasoning_tokens
                     yield StreamDone(result)

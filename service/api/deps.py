@@ -4,7 +4,7 @@ every route raises (rendered as `{code, message, request_id, errors}` by the app
 from __future__ import annotations
 
 import hmac
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Annotated, Any
 
 from fastapi import Depends, Query, Request
@@ -15,6 +15,7 @@ from service.engine.base import Engine
 from service.history import HistoryStore
 from service.metrics import Metrics
 from service.recommender import Recommender
+from service.rollout import Deployment, ModelHost
 from service.search import TitleIndex
 
 
@@ -55,24 +56,37 @@ async def get_settings(request: Request) -> Settings:
     return request.app.state.settings  # type: ignore[no-any-return]
 
 
-async def get_bundle(request: Request) -> Bundle:
-    return _state(request, "bundle")  # type: ignore[no-any-return]
+async def get_deployment(request: Request) -> AsyncIterator[Deployment]:
+    """The model version serving this request, leased until the response is sent (the stream
+    included), so a live swap never changes the model under a request (service.rollout)."""
+    host: ModelHost = _state(request, "host")
+    if host.current is None:
+        raise ApiError(503, "not_ready", "no model version is loaded", headers={"Retry-After": "2"})
+    async with host.lease() as deployment:
+        yield deployment
 
 
-async def get_engine(request: Request) -> Engine:
-    return _state(request, "engine")  # type: ignore[no-any-return]
+DeploymentDep = Annotated[Deployment, Depends(get_deployment)]
+
+
+async def get_bundle(deployment: DeploymentDep) -> Bundle:
+    return deployment.bundle
+
+
+async def get_engine(deployment: DeploymentDep) -> Engine:
+    return deployment.engine
 
 
 async def get_store(request: Request) -> HistoryStore:
     return _state(request, "history")  # type: ignore[no-any-return]
 
 
-async def get_recommender(request: Request) -> Recommender:
-    return _state(request, "recommender")  # type: ignore[no-any-return]
+async def get_recommender(deployment: DeploymentDep) -> Recommender:
+    return deployment.recommender
 
 
-async def get_search(request: Request) -> TitleIndex:
-    return _state(request, "search")  # type: ignore[no-any-return]
+async def get_search(deployment: DeploymentDep) -> TitleIndex:
+    return deployment.search
 
 
 async def get_metrics(request: Request) -> Metrics:

@@ -1,19 +1,23 @@
 """The public protocol: request and response bodies of the /v1 API (JSON; item ids are the catalog's
-own string ids). Limits that depend on settings (k, history length, reasoning tokens) are checked by
-`limit_errors`, so the 422 names the field and the configured bound."""
+own string ids) and the payloads of the recommendation stream's server-sent events. Limits that
+depend on settings (k, history length, reasoning tokens) are checked by `limit_errors`, so the 422
+names the field and the configured bound. Numbers and booleans are strict: `"k": "5"` or
+`"exclude_seen": 0` is a client bug, answered with a 422 naming the field."""
 
 from __future__ import annotations
 
 from datetime import datetime
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StringConstraints
 
 from service.config import Settings
+from service.recommender import RecommendedItem
 
 ItemId = Annotated[str, StringConstraints(min_length=1, max_length=256)]
 # Visible ASCII only: user ids become Redis key suffixes and log fields.
-UserId = Annotated[str, StringConstraints(pattern=r"^[!-~]{1,128}$")]
+USER_ID_PATTERN = r"^[!-~]{1,128}$"
+UserId = Annotated[str, StringConstraints(pattern=USER_ID_PATTERN)]
 
 
 class _Strict(BaseModel):
@@ -24,8 +28,8 @@ class _Strict(BaseModel):
 class RecommendationRequest(_Strict):
     user_id: UserId | None = Field(None, description="whose cached history to use when `history` is absent")
     history: list[ItemId] | None = Field(None, description="item ids, oldest first; overrides the cache")
-    k: int = Field(10, ge=1, description="number of items (1..max_k)")
-    exclude_seen: bool = Field(True, description="never return items of the history")
+    k: StrictInt = Field(10, ge=1, description="number of items (1..max_k, a server setting, 100 by default)")
+    exclude_seen: StrictBool = Field(True, description="never return items of the history")
     exclude_items: list[ItemId] = Field(default_factory=list)
     allow_items: list[ItemId] | None = Field(None, description="when set, only these items may be returned")
 
@@ -43,7 +47,8 @@ class RecommendationRequest(_Strict):
 
 
 class StreamRecommendationRequest(RecommendationRequest):
-    max_reasoning_tokens: int | None = Field(None, ge=1, description="reasoning budget (<= the server's max)")
+    max_reasoning_tokens: StrictInt | None = Field(None, ge=1,
+                                                   description="reasoning budget (<= the server's max)")
 
     def limit_errors(self, settings: Settings) -> list[tuple[str, str]]:
         errors = super().limit_errors(settings)
@@ -61,6 +66,12 @@ class ItemOut(BaseModel):
                                             "p_prior(item) when the bundle's collaborative prior is fused; "
                                             "null for fallbacks")
     fallback: Literal["popular"] | None = None
+
+
+def item_out(item: RecommendedItem) -> ItemOut:
+    # model_construct: these values come from our own catalog and engine, validating them again is waste.
+    return ItemOut.model_construct(item_id=item.item_id, title=item.title, semantic_id=item.semantic_id,
+                                   score=item.score, fallback=item.fallback)
 
 
 class RecommendationResponse(BaseModel):
@@ -141,9 +152,21 @@ class Readiness(BaseModel):
     engine_ready: bool
     history_store: str | None
     history_store_state: Literal["up", "down", "memory"] | None
+    loaded_versions: list[str] = Field(default_factory=list, description="versions in memory: the served one, "
+                                       "and during a swap the one being retired")
+    loading_version: str | None = Field(None, description="a version being loaded and warmed, if any")
+    refused_versions: dict[str, str] = Field(default_factory=dict, description="versions that failed to load, "
+                                             "with the reason; the served version went on")
 
 
-# ------------------------------------------------------------------ errors and stream events
+class ReloadResult(BaseModel):
+    outcome: Literal["swapped", "unchanged", "refused"]
+    model_version: str | None = Field(description="the version served after the reload")
+    previous: str | None = None
+    error: str | None = None
+
+
+# ------------------------------------------------------------------ errors
 class FieldError(BaseModel):
     field: str
     message: str
@@ -151,13 +174,40 @@ class FieldError(BaseModel):
 
 
 class ErrorBody(BaseModel):
-    code: str
+    code: str = Field(description="machine-readable, e.g. invalid_request, unknown_items, overloaded")
     message: str
     request_id: str | None = None
     errors: list[FieldError] | None = None
 
 
-class StreamDoneEvent(BaseModel):
+# ------------------------------------------------------------------ stream events
+# Each is the JSON `data` of one server-sent event; the event's name says which.
+class ReasoningEvent(BaseModel):
+    """`event: reasoning`: the next piece of the model's reasoning text (zero or more, first)."""
+
+    delta: str
+
+
+class ItemsEvent(BaseModel):
+    """`event: items`: the recommended items, once, after the reasoning."""
+
+    items: list[ItemOut]
+
+
+class DoneEvent(BaseModel):
+    """`event: done`: the last event of a stream that succeeded."""
+
     request_id: str
     reasoning_tokens: int
     latency_ms: float
+
+
+class ErrorEvent(BaseModel):
+    """`event: error`: the stream failed after it started; the last event."""
+
+    code: Literal["overloaded", "engine_unavailable", "internal_error"]
+    message: str
+
+
+STREAM_EVENTS: dict[str, type[BaseModel]] = {
+    "reasoning": ReasoningEvent, "items": ItemsEvent, "done": DoneEvent, "error": ErrorEvent}

@@ -91,7 +91,8 @@ class RemoteEngine(Engine):
             body = resp.json()
         except (httpx.HTTPError, ValueError):
             return False
-        if self.expected_version and body.get("model_version") != self.expected_version:
+        served = body.get("loaded_versions") or [body.get("model_version")]
+        if self.expected_version and self.expected_version not in served:
             log.error("engine worker serves another bundle version; not using it",
                       extra={"url": url, "worker_version": body.get("model_version"),
                              "expected": self.expected_version})
@@ -118,7 +119,7 @@ class RemoteEngine(Engine):
             raise EngineUnavailable(f"engine worker answered {resp.status_code}: {resp.text[:200]}")
 
     async def recommend(self, request: EngineRequest) -> list[ScoredItem]:
-        payload = WireRequest.of(request).model_dump()
+        payload = WireRequest.of(request, model_version=self.expected_version).model_dump()
         self._in_flight += 1
         try:
             for url in self._order():
@@ -128,7 +129,7 @@ class RemoteEngine(Engine):
                 except _CONNECT_ERRORS:
                     self._up[url] = False
                     continue
-                if resp.status_code == 503:  # that worker is not ready: try another
+                if resp.status_code in (409, 503):  # that worker is not ready, or on another version
                     self._up[url] = False
                     continue
                 self._up[url] = True
@@ -140,7 +141,7 @@ class RemoteEngine(Engine):
 
     async def reason(self, request: EngineRequest, max_reasoning_tokens: int
                      ) -> AsyncIterator[ReasoningDelta | ReasoningDone]:
-        payload = WireRequest.of(request, max_reasoning_tokens).model_dump()
+        payload = WireRequest.of(request, max_reasoning_tokens, model_version=self.expected_version).model_dump()
         self._in_flight += 1
         try:
             for url in self._order():
@@ -149,7 +150,7 @@ class RemoteEngine(Engine):
                     # worker's stream see a disconnect and abort its generation.
                     async with self._client.stream("POST", f"{url}/internal/engine/reason", json=payload,
                                                    headers={"X-Request-Id": request.request_id}) as resp:
-                        if resp.status_code == 503:
+                        if resp.status_code in (409, 503):
                             self._up[url] = False
                             continue
                         self._up[url] = True

@@ -22,10 +22,14 @@ class WireRequest(BaseModel):
     num_beams: int | None = None
     history: list[int] | None = None  # item indices, for the bundle's collaborative prior
     max_reasoning_tokens: int | None = Field(None, ge=1)
+    # The bundle version the gateway planned the request for: a worker serving another one refuses it
+    # (409), so item indices never cross versions.
+    model_version: str | None = None
 
     @classmethod
-    def of(cls, request: EngineRequest, max_reasoning_tokens: int | None = None) -> WireRequest:
-        return cls(request_id=request.request_id, prompt=request.prompt, k=request.k,
+    def of(cls, request: EngineRequest, max_reasoning_tokens: int | None = None,
+           model_version: str | None = None) -> WireRequest:
+        return cls(request_id=request.request_id, prompt=request.prompt, k=request.k, model_version=model_version,
                    exclude=sorted(request.exclude), allow=None if request.allow is None else sorted(request.allow),
                    num_beams=request.num_beams, max_reasoning_tokens=max_reasoning_tokens,
                    history=None if request.history is None else list(request.history))

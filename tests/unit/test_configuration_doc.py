@@ -27,6 +27,7 @@ def source_files() -> list[Path]:
     for folder, dirs, names in os.walk(ROOT):
         here = Path(folder)
         dirs[:] = sorted(d for d in dirs if d not in SKIPPED_DIRS and not d.endswith(".egg-info")
+                         and not (d.startswith(".") and d != ".ci")  # tool caches (.hypothesis, ...)
                          and not (here == ROOT and d in SKIPPED_TOP_DIRS))
         files.extend(here / name for name in sorted(names))
     return files
