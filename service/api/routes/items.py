@@ -7,10 +7,9 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Query
 
 from model_store.bundle import Bundle
-from service.api.deps import ApiError, BundleDep, SearchDep, field_errors, require_api_key
-from service.api.routes.recommendations import ERRORS
+from service.api.deps import ApiError, BundleDep, SearchDep, require_api_key
+from service.api.errors import error_responses
 from service.api.schemas import ItemResponse, ItemSearchResponse
-from service.search import words
 
 router = APIRouter(prefix="/v1/items", tags=["items"], dependencies=[Depends(require_api_key)])
 
@@ -24,23 +23,23 @@ def item_response(bundle: Bundle, index: int) -> ItemResponse:
                         codes=[int(c) for c in bundle.codes[index]], model_version=bundle.version)
 
 
-@router.get("", response_model=ItemSearchResponse, responses=ERRORS,
+@router.get("", response_model=ItemSearchResponse, responses=error_responses(401, 422, 503),
             summary="Search the catalog by title words (every word must match, whole or as a prefix)")
 async def search_items(
         bundle: BundleDep, search: SearchDep,
         q: Annotated[str, Query(min_length=1, max_length=200,
                                 description="title words, case- and accent-insensitive; each must match a "
-                                            "title word whole or as its start (one-letter words whole only)")],
+                                            "title word whole or as its start (one-letter words whole only). "
+                                            "Words are runs of letters, digits and '_'; a query without any "
+                                            "matches nothing")],
         limit: Annotated[int, Query(ge=1, le=MAX_SEARCH_LIMIT, description="most items to return")] = 10,
 ) -> ItemSearchResponse:
-    if not words(q):
-        raise field_errors([("query.q", "must contain at least one letter or digit")])
     found = search.search(q, limit)
     return ItemSearchResponse(query=q, total=found.total, items=[item_response(bundle, i) for i in found.indices])
 
 
 # `:path` so catalog ids that contain '/' still resolve.
-@router.get("/{item_id:path}", response_model=ItemResponse, responses=ERRORS,
+@router.get("/{item_id:path}", response_model=ItemResponse, responses=error_responses(401, 404, 503),
             summary="An item's metadata and semantic ID")
 async def get_item(item_id: str, bundle: BundleDep) -> ItemResponse:
     index = bundle.index_of.get(item_id)
