@@ -101,7 +101,7 @@ async def bench_gateway(bundle_dir: Path, bundle: Any, histories: Sequence[Seque
             with LoadGenerator(port, [json.dumps(body) for body in bodies]) as loadgen:
                 loadgen.run(range(min(8, len(bodies))), 8, 0.5)  # warm-up
                 for c in concurrencies:
-                    where = ", in a child process" if settings.engine_in_child_process else ""
+                    where = ", in a child process" if settings.use_engine_subprocess else ""
                     row = Row(f"gateway: HTTP -> {label}{where}", c, [], 0.0)
                     bare = Row(f"{label}, in-process, taking turns with the gateway", c, [], 0.0)
                     before, cpu = await batch_totals(client), 0.0
