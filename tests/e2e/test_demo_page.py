@@ -22,15 +22,15 @@ import re
 import shutil
 import socket
 import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
-import httpx
 import pytest
+
+from loadtests.harness import wait_ready
 
 ROOT = Path(__file__).resolve().parents[2]
 API_KEY = "e2e-demo-key-0001"
@@ -120,16 +120,7 @@ def running_gateway(bundle_dir: Path, **overrides: Any) -> Iterator[str]:
     thread.start()
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            if not thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError(f"the gateway on {base} did not become ready")
-            try:
-                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
+        wait_ready(base, alive=thread.is_alive, timeout_s=180, interval_s=0.1)
         yield base
     finally:
         server.should_exit = True
