@@ -23,6 +23,7 @@ from service.engine.base import (
 )
 from service.engine.config import ProcessOptions, TransformersEngineConfig
 from service.engine.process import ProcessEngine
+from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -73,10 +74,7 @@ async def test_stream_then_items_and_abort(proc_engine: ProcessEngine, gw_bundle
         assert isinstance(event, ReasoningDelta)
         break
     await stream.aclose()  # what the gateway does when the client disconnects
-    for _ in range(200):
-        if proc_engine.stats().extra.get("reasoning_cancelled", 0.0) > before:
-            break
-        await asyncio.sleep(0.025)
+    await eventually(lambda: proc_engine.stats().extra.get("reasoning_cancelled", 0.0) > before)
     assert proc_engine.stats().extra["reasoning_cancelled"] == before + 1
 
 
@@ -110,10 +108,7 @@ async def test_dead_child_fails_calls_then_is_replaced(proc_engine: ProcessEngin
     assert not proc_engine.ready
     with pytest.raises(EngineUnavailable):
         await proc_engine.recommend(_request(gw_bundle, "while-down", (1, 2)))
-    for _ in range(1200):  # a new child loads the bundle and warms up (a few seconds)
-        if proc_engine.ready:
-            break
-        await asyncio.sleep(0.05)
+    await eventually(lambda: proc_engine.ready, timeout_s=60)  # a new child loads the bundle and warms up
     assert proc_engine.ready and proc_engine.pid not in (None, first_pid) and proc_engine.restarts == 1
     items = await proc_engine.recommend(_request(gw_bundle, "after", (1, 2, 3)))
     assert len(items) == 6

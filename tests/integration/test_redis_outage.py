@@ -4,14 +4,15 @@ by itself when Redis comes back (a throwaway redis-server we stop and restart)."
 
 from __future__ import annotations
 
-import asyncio
 import shutil
 import subprocess
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
-import redis
+
+from loadtests.harness import start_redis
+from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -59,19 +60,7 @@ def scratch_redis() -> Iterator[Any]:
         proc: subprocess.Popen[bytes] | None = None
 
         def start(self) -> None:
-            self.proc = subprocess.Popen(
-                ["redis-server", "--port", str(SCRATCH_PORT), "--bind", "127.0.0.1", "--save", "",
-                 "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            client = redis.Redis(port=SCRATCH_PORT)
-            for _ in range(200):
-                try:
-                    client.ping()
-                    return
-                except redis.ConnectionError:
-                    import time
-
-                    time.sleep(0.02)
-            raise RuntimeError("scratch redis-server did not start")
+            self.proc = start_redis(SCRATCH_PORT)
 
         def stop(self) -> None:
             if self.proc is not None:
@@ -98,11 +87,9 @@ async def test_recovers_without_restart(make_client: Any, scratch_redis: Any) ->
         assert (await client.get("/readyz")).json()["status"] == "degraded"
 
         scratch_redis.start()  # a fresh, empty Redis (no persistence)
-        for _ in range(50):  # the pool reconnects on the next command; allow a moment
-            back = await client.post("/v1/users/r/events", json={"events": [{"item_id": "sku-9"}]})
-            if back.status_code == 202:
-                break
-            await asyncio.sleep(0.1)
+        # The pool reconnects on the next command; allow a moment.
+        back = await eventually(lambda: client.post("/v1/users/r/events", json={"events": [{"item_id": "sku-9"}]}),
+                                until=lambda resp: resp.status_code == 202, timeout_s=5, interval_s=0.1)
         assert back.status_code == 202 and back.json()["history_length"] == 1
         assert (await client.get("/readyz")).json()["status"] == "ready"
         # sku-8 was refused, so it must not have been stored anywhere.

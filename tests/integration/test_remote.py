@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 import pytest
@@ -12,6 +11,7 @@ from model_store.tokens import reasoning_prompt
 from service.engine.base import EngineRequest, EngineUnavailable, ReasoningDelta
 from service.engine.config import RemoteEngineConfig
 from service.engine.remote import RemoteEngine
+from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -62,12 +62,8 @@ async def test_abandoned_remote_stream_aborts_worker(worker_app: Any, serve_app:
                 assert isinstance(event, ReasoningDelta)
                 break
             await events.aclose()
-            record = None
-            for _ in range(200):
-                record = next((r for r in gw_engine.recent_reasoning if r.request_id == "remote-abort-1"), None)
-                if record is not None:
-                    break
-                await asyncio.sleep(0.025)
+            record = await eventually(
+                lambda: next((r for r in gw_engine.recent_reasoning if r.request_id == "remote-abort-1"), None))
             assert record is not None and record.outcome == "cancelled" and record.tokens < 512
         finally:
             await remote.close()

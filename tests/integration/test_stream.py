@@ -3,7 +3,6 @@ and client disconnects aborting the engine's generation (over a real uvicorn soc
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
 from typing import Any
@@ -12,6 +11,7 @@ import httpx
 import pytest
 
 from model_store.tokens import SPECIAL_TOKENS
+from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -133,12 +133,8 @@ async def test_client_disconnect_aborts_engine_work(gateway_settings: Any, gw_en
             first = await SSEReader(resp).read(stop_after="reasoning")
             assert first[0][0] == "reasoning"
         # The client is gone: the engine must record the cancellation well before the budget.
-        record = None
-        for _ in range(200):
-            record = next((r for r in gw_engine.recent_reasoning if r.request_id == "disconnect-1"), None)
-            if record is not None:
-                break
-            await asyncio.sleep(0.025)
+        record = await eventually(
+            lambda: next((r for r in gw_engine.recent_reasoning if r.request_id == "disconnect-1"), None))
         assert record is not None, "the engine never finished or cancelled the abandoned request"
         assert record.outcome == "cancelled"
         assert record.tokens < record.budget == 512
