@@ -69,6 +69,29 @@ async def test_health_ready_metrics_docs(make_client: Any) -> None:
         assert not any(p.startswith("/internal") for p in paths)
 
 
+async def test_openapi_documents_what_the_routes_answer(make_client: Any) -> None:
+    """The details a fuzzer found missing; test_openapi_conformance checks the whole document."""
+    async with make_client() as client:
+        doc = (await client.get("/openapi.json")).json()
+        paths, components = doc["paths"], doc["components"]["schemas"]
+        assert {"400", "413", "422", "429", "503"} <= set(paths["/v1/recommendations"]["post"]["responses"])
+        assert "404" in paths["/v1/items/{item_id}"]["get"]["responses"]
+        # The stream's 200 is text/event-stream, one schema per event, its data a component; errors stay JSON.
+        for method in ("get", "post"):
+            responses = paths["/v1/recommendations/stream"][method]["responses"]
+            assert set(responses["200"]["content"]) == {"text/event-stream"}
+            events = responses["200"]["content"]["text/event-stream"]["itemSchema"]["oneOf"]
+            assert [e["properties"]["event"]["const"] for e in events] == ["reasoning", "items", "done", "error"]
+            refs = [e["properties"]["data"]["contentSchema"]["$ref"].rsplit("/", 1)[1] for e in events]
+            assert refs == ["ReasoningEvent", "ItemsEvent", "DoneEvent", "ErrorEvent"]
+            assert all(name in components for name in refs)
+            assert set(responses["422"]["content"]) == {"application/json"}
+        # GET and DELETE of a history are two routes; a 405 names both.
+        options = await client.options("/v1/users/u-1/history")
+        assert options.status_code == 405 and options.headers["allow"] == "DELETE, GET"
+        assert (await client.put("/v1/recommendations/stream")).headers["allow"] == "GET, POST"
+
+
 # ------------------------------------------------------------------ recommendations
 async def test_recommend_from_request_history(make_client: Any, gw_bundle: Any) -> None:
     async with make_client() as client:
