@@ -20,11 +20,12 @@ from model_store.bundle import load_bundle
 from model_store.registry import Registry, resolve_bundle_dir
 from service.config import Settings
 from service.engine.base import Engine
+from service.engine.factory import engine_class
 from service.engine_settings import create_engine
 from service.history import HistoryStore, create_history_store
 from service.metrics import Metrics
 from service.recommender import Recommender
-from service.rollout import Deployment, ModelHost, RegistryWatcher
+from service.rollout import Deployment, ModelHost, RegistryWatcher, VersionPending
 from service.runtime import freeze_heap
 from service.search import TitleIndex
 
@@ -47,6 +48,8 @@ class DeploymentBuilder:
 
     def __init__(self, settings: Settings, metrics: Metrics, store: HistoryStore):
         self.settings, self.metrics, self.store = settings, metrics, store
+        if not settings.engine_urls and not settings.use_engine_subprocess:
+            engine_class(settings.engine)  # imported here, not in a frame that holds an engine
 
     async def __call__(self, bundle_dir: Path) -> Deployment:
         bundle = await asyncio.to_thread(load_bundle, bundle_dir)  # verifies every file's hash
@@ -55,8 +58,7 @@ class DeploymentBuilder:
         try:
             await self.start_engine(engine)
             if not engine.ready:  # remote workers not (yet) on this version
-                await engine.close()
-                raise RuntimeError(f"no engine worker serves version {bundle.version} yet")
+                raise VersionPending(f"no engine worker serves version {bundle.version} yet")
         except BaseException:
             await engine.close()
             raise

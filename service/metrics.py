@@ -57,7 +57,7 @@ class Metrics:
         self.info = Gauge("gream_build_info", "bundle and engine being served (1) or no longer served (0)",
                           ["model_version", "engine"], registry=r)
         self.model_swaps = Counter("gream_model_swaps_total", "model version activations by outcome "
-                                   "(swapped, refused)", ["outcome"], registry=r)
+                                   "(swapped, refused, pending: no engine worker holds it yet)", ["outcome"], registry=r)
         self.model_loading = Gauge("gream_model_loading", "1 while a new model version is loading", registry=r)
         self.history_items_dropped = Counter("gream_history_items_dropped_total", "cached history items that the "
                                              "served version's catalog lacks, left out of prompts", registry=r)

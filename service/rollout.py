@@ -65,6 +65,10 @@ class VersionRefused(RuntimeError):
     """A version that could not be loaded; the one already serving goes on."""
 
 
+class VersionPending(RuntimeError):
+    """A version that cannot be served yet (no engine worker holds it); tried again on the next poll."""
+
+
 class ModelHost:
     """The deployment being served, and swaps between deployments."""
 
@@ -122,6 +126,10 @@ class ModelHost:
             started = time.perf_counter()
             try:
                 new = await self._build(bundle_dir)
+            except VersionPending as exc:
+                log.info("model version not servable yet", extra={"model_version": version, "reason": str(exc)})
+                self._count("pending")
+                raise
             except Exception as exc:
                 reason = f"{type(exc).__name__}: {exc}"
                 self.refused[version] = reason
@@ -205,6 +213,8 @@ class RegistryWatcher:
             await self.host.activate(self.registry.path_of(version))
         except VersionRefused as exc:
             return {"outcome": "refused", "model_version": serving, "error": str(exc)}
+        except VersionPending as exc:
+            return {"outcome": "pending", "model_version": serving, "error": str(exc)}
         return {"outcome": "swapped", "model_version": version, "previous": serving}
 
     def start(self) -> None:

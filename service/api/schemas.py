@@ -160,7 +160,7 @@ class Readiness(BaseModel):
 
 
 class ReloadResult(BaseModel):
-    outcome: Literal["swapped", "unchanged", "refused"]
+    outcome: Literal["swapped", "unchanged", "refused", "pending"]
     model_version: str | None = Field(description="the version served after the reload")
     previous: str | None = None
     error: str | None = None

@@ -94,7 +94,7 @@ def gateway_settings(tiny_bundle_dir: Path) -> Callable[..., Any]:
 
 
 @asynccontextmanager
-async def running_server(app: Any) -> AsyncIterator[str]:
+async def running_server(app: Any, startup_timeout_s: float = 10.0) -> AsyncIterator[str]:
     """Serve `app` with a real uvicorn on a free loopback port, in this event loop."""
     import uvicorn
 
@@ -102,7 +102,7 @@ async def running_server(app: Any) -> AsyncIterator[str]:
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, access_log=False,
                                            lifespan="on", timeout_graceful_shutdown=2))
     task = asyncio.create_task(server.serve())
-    for _ in range(400):
+    for _ in range(int(startup_timeout_s / 0.025)):
         if server.started or task.done():
             break
         await asyncio.sleep(0.025)

@@ -80,18 +80,23 @@ async def _served_version(client: httpx.AsyncClient) -> str | None:
     return (await client.get("/readyz")).json()["model_version"]  # type: ignore[no-any-return]
 
 
-@pytest.mark.parametrize("subprocess", [False, True], ids=["in-process", "child-process"])
+@pytest.mark.parametrize(("engine", "subprocess"), [
+    ("transformers", False), ("transformers", True), pytest.param("vllm", False, marks=pytest.mark.vllm)],
+    ids=["transformers-in-process", "transformers-child-process", "vllm"])
 async def test_swap_and_roll_back_under_load(registry: tuple[Registry, str, str], tiny_bundle_dir: Path,
-                                             redis_namespace: str, subprocess: bool) -> None:
+                                             redis_namespace: str, engine: str, subprocess: bool) -> None:
     from service.app import create_app
 
     reg, v1, v2 = registry
     reg.activate(v1)
-    settings = gw_settings(tiny_bundle_dir, registry=reg.root, registry_poll_s=0.2, engine_subprocess=subprocess,
+    if engine == "vllm":
+        pytest.importorskip("vllm", reason="the vLLM CPU engine is not installed")
+    settings = gw_settings(tiny_bundle_dir, registry=reg.root, registry_poll_s=0.2, engine=engine,
+                           engine_subprocess=subprocess,
                            decode_workers=1, torch_threads=1, redis_url=REDIS_URL, redis_namespace=redis_namespace,
                            admin_api_key=ADMIN["Authorization"].split()[1])
     app = create_app(settings)
-    async with running_server(app) as url, httpx.AsyncClient(base_url=url, timeout=60) as client:
+    async with running_server(app, startup_timeout_s=300) as url, httpx.AsyncClient(base_url=url, timeout=60) as client:
         assert await _served_version(client) == v1
         first_engine = weakref.ref(app.state.host.current.engine)
         load = Load(client)
@@ -100,7 +105,7 @@ async def test_swap_and_roll_back_under_load(registry: tuple[Registry, str, str]
             await eventually(lambda: sum(load.versions.values()), until=lambda n: n >= 5)
 
             reg.activate(v2)  # the watcher notices within a poll
-            assert await eventually(lambda: _served_version(client), until=lambda v: v == v2, timeout_s=120) == v2
+            assert await eventually(lambda: _served_version(client), until=lambda v: v == v2, timeout_s=300) == v2
             new_item = await client.post("/v1/recommendations",
                                          json={"history": ["new-0", "sku-3"], "k": 3, "allow_items": ["new-1", "new-2"]})
             assert new_item.status_code == 200, new_item.text
@@ -164,3 +169,41 @@ async def test_a_broken_version_is_refused_and_the_old_one_serves_on(registry: t
             import shutil
 
             shutil.rmtree(broken)
+
+
+async def test_gateway_and_remote_worker_follow_the_registry_under_load(
+        registry: tuple[Registry, str, str], tiny_bundle_dir: Path, redis_namespace: str) -> None:
+    """Gateway and engine worker each follow the registry; the gateway swaps once the worker holds the
+    new version, and the worker keeps the old one until the gateway has moved, so nothing fails and no
+    request is decoded on another version than the one it was planned for."""
+    from service.app import create_app
+
+    reg, v1, v2 = registry
+    reg.activate(v1)
+    key = "worker-key-0123"
+    common = {"registry": reg.root, "registry_poll_s": 0.2, "decode_workers": 1, "torch_threads": 1}
+    worker = create_app(gw_settings(tiny_bundle_dir, **common, engine_subprocess=False, expose_engine_api=True,
+                                    api_keys=[key]))
+    async with running_server(worker) as worker_url:
+        gateway = create_app(gw_settings(tiny_bundle_dir, **common, engine_urls=[worker_url], engine_api_key=key,
+                                         redis_url=REDIS_URL, redis_namespace=redis_namespace))
+        async with running_server(gateway) as url, httpx.AsyncClient(base_url=url, timeout=60) as client:
+            load = Load(client)
+            tasks = load.run()
+            try:
+                await eventually(lambda: sum(load.versions.values()), until=lambda n: n >= 5)
+                reg.activate(v2)
+                assert await eventually(lambda: _served_version(client), until=lambda v: v == v2,
+                                        timeout_s=60) == v2
+                await eventually(lambda: load.versions[v2], until=lambda n: n >= 5)
+                reg.activate(v1)
+                assert await eventually(lambda: _served_version(client), until=lambda v: v == v1,
+                                        timeout_s=60) == v1
+                await eventually(lambda: load.versions[v1], until=lambda n: n >= 10)
+            finally:
+                load.stop.set()
+                await asyncio.gather(*tasks)
+            assert not load.failures, load.failures[:5]
+            other = await client.post(f"{worker_url}/internal/engine/topk", headers={"Authorization": f"Bearer {key}"},
+                                      json={"request_id": "x", "prompt": "p", "k": 1, "model_version": "not-served"})
+            assert other.status_code == 409 and other.json()["code"] == "version_not_served"

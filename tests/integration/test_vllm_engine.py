@@ -39,9 +39,10 @@ def bundle(tiny_bundle_dir: Path) -> Any:
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def engine(bundle: Any) -> AsyncIterator[Any]:
+    from service.engine.config import VLLMEngineConfig
     from service.engine.vllm_engine import VLLMEngine
 
-    eng = VLLMEngine(bundle, default_beams=K, dtype="float32", enforce_eager=True)
+    eng = VLLMEngine(bundle, VLLMEngineConfig(default_beams=K, dtype="float32", enforce_eager=True))
     await eng.start()
     yield eng
     await eng.close()
