@@ -63,6 +63,34 @@ def _options(parser: Any) -> None:
     parser.add_argument("--ttft-p95-ms", env_var="GREAM_LOAD_TTFT_P95_MS", type=float, default=3000.0,
                         help="p95 bound of the time to first token (ms); 0 disables")
     parser.add_argument("--seed", env_var="GREAM_LOAD_SEED", type=int, default=0)
+    parser.add_argument("--request-log", env_var="GREAM_LOAD_REQUEST_LOG", default="",
+                        help="write every request (end time, type, name, ms, error) to this CSV, for analyses "
+                             "by time window such as loadtests/rollout_run.py")
+
+
+_request_log: Any = None
+
+
+@events.test_start.add_listener
+def _open_request_log(environment: Environment, **_: Any) -> None:
+    global _request_log
+    path = getattr(environment.parsed_options, "request_log", "")
+    if path:
+        _request_log = open(path, "w", buffering=1, encoding="utf-8")  # noqa: SIM115 (closed at quit)
+        _request_log.write("end_s,type,name,ms,error\n")
+
+
+@events.request.add_listener
+def _log_request(request_type: str, name: str, response_time: float, exception: Any = None, **_: Any) -> None:
+    if _request_log is not None:
+        error = "" if exception is None else str(exception).replace(",", ";").replace("\n", " ")[:200]
+        _request_log.write(f"{time.time():.4f},{request_type},{name},{response_time:.2f},{error}\n")
+
+
+@events.quitting.add_listener
+def _close_request_log(**_: Any) -> None:
+    if _request_log is not None:
+        _request_log.close()
 
 
 # ------------------------------------------------------------------ test data
