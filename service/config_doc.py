@@ -56,6 +56,8 @@ OTHER_VARIABLES: tuple[EnvironmentVariable, ...] = (
     EnvironmentVariable("GREAM_LOAD_USER_POOL", "`make loadtest`",
                         "distinct user ids for events and cached-history requests (default 1000)"),
     EnvironmentVariable("GREAM_LOAD_SEED", "`make loadtest`", "random seed of the simulated users (default 0)"),
+    EnvironmentVariable("GREAM_LOAD_REQUEST_LOG", "`make loadtest`, loadtests/rollout_run.py",
+                        "CSV file that gets every request (end time, type, name, ms, error); unset = none"),
     EnvironmentVariable("GREAM_LOAD_MAX_FAILURE_RATIO", "`make loadtest`",
                         "largest failure ratio that passes (default 0.01)"),
     EnvironmentVariable("GREAM_LOAD_P95_MS", "`make loadtest`",
