@@ -97,16 +97,9 @@ class VLLMEngine(Engine):
         self.default_beams = config.default_beams
         self.queue_max = config.queue_max
         self.dtype = config.dtype
-        self.enforce_eager = config.enforce_eager
         self.max_concurrent_reasoning = config.max_concurrent_reasoning
         self.temperature = config.reasoning_temperature
         self.seed = config.seed
-        self.block_size = config.block_size
-        self.max_num_seqs = config.max_num_seqs
-        self.max_num_batched_tokens = config.max_num_batched_tokens
-        self.max_model_len = config.max_model_len
-        self.enable_prefix_caching = config.enable_prefix_caching
-        self.executor = config.executor
         self.on_batch = None  # the gateway's batch-size hook; vLLM batches internally, so never called
         self.counters = collections.Counter[str]()
         self.aborted: collections.deque[str] = collections.deque(maxlen=256)  # vLLM ids of aborted streams
@@ -145,15 +138,16 @@ class VLLMEngine(Engine):
         started = time.perf_counter()
         self._load_tokenizer()
         self._model_dir = self._merged_model_dir()
+        c = self.config
         args = AsyncEngineArgs(
             model=str(self._model_dir), tokenizer=str(self._model_dir), dtype=self.dtype,
-            enforce_eager=self.enforce_eager, enable_prefix_caching=self.enable_prefix_caching,
-            block_size=self.block_size, max_num_seqs=self.max_num_seqs,
-            max_num_batched_tokens=self.max_num_batched_tokens, max_model_len=self.max_model_len,
+            enforce_eager=c.enforce_eager, enable_prefix_caching=c.enable_prefix_caching,
+            block_size=c.block_size, max_num_seqs=c.max_num_seqs,
+            max_num_batched_tokens=c.max_num_batched_tokens, max_model_len=c.max_model_len,
             max_logprobs=MAX_LOGPROB_TOKEN_IDS, seed=self.seed, disable_log_stats=True,
-            distributed_executor_backend=self.executor,
+            distributed_executor_backend=c.executor,
         )  # KV cache size: VLLM_CPU_KVCACHE_SPACE (GiB, default 1 here)
-        if self.executor == "uni":
+        if c.executor == "uni":
             # The model runs inside the engine-core process instead of a further worker process: loads
             # ~20 s faster, but vLLM then does no OpenMP core binding and, measured on 2 shared cores,
             # single requests were ~10x slower; "mp" (vLLM's CPU default) stays the default.
