@@ -136,6 +136,16 @@ def history_block(spelled_ids: Sequence[str]) -> str:
     return f"{HISTORY_START}{''.join(spelled_ids)}{HISTORY_END}"
 
 
+def history_in_prompt(prompt: str, id_format: IdFormat) -> list[str]:
+    """The spelled IDs of a prompt's history block, oldest first (what the reasoning may cite)."""
+    start, end = prompt.find(HISTORY_START), prompt.find(HISTORY_END)
+    if start < 0 or end < start:
+        return []
+    found = [f"<{n}_{c}>" for n, c in _TOKEN_RE.findall(prompt[start:end])]
+    depth = id_format.depth
+    return ["".join(found[i:i + depth]) for i in range(0, len(found) - depth + 1, depth)]
+
+
 def direct_prompt(spelled_history: Sequence[str]) -> str:
     """History -> next item ID (the direct inference mode and the sequential alignment task)."""
     return f"{PREAMBLE}{history_block(spelled_history)}{ANSWER}"
@@ -210,37 +220,68 @@ def reasoning_section(stage: str, text: str) -> str:
 
 def reasoning_text(sections: Sequence[tuple[str, str]]) -> str:
     """The reasoning body (between THINK_START and THINK_END): one labelled line per stage."""
-    return "\n".join(reasoning_section(stage, text) for stage, text in sections)
+    return SECTION_SEPARATOR.join(reasoning_section(stage, text) for stage, text in sections)
+
+
+# Every name the reasoning states (an item's title, a brand, a theme) sits between these markers, so
+# the decoder can switch its grounding constraint on inside them (model_store.grounding) and a
+# validator can find every claim. Names never contain the markers (`mention_name`).
+MENTION_OPEN = "["
+MENTION_CLOSE = "]"
+SECTION_SEPARATOR = "\n"  # sections are lines; the decoder closes a section at a newline
+MENTION_TITLE_WORDS = 6  # a title is named by its first words
+
+
+def mention_name(text: str, max_words: int | None = None) -> str:
+    """The form in which a name is mentioned: markers replaced, whitespace collapsed, optionally cut."""
+    words = text.replace(MENTION_OPEN, "(").replace(MENTION_CLOSE, ")").split()
+    return " ".join(words[:max_words] if max_words else words)
+
+
+def mention(name: str) -> str:
+    return f"{MENTION_OPEN}{mention_name(name)}{MENTION_CLOSE}"
 
 
 def evidence_phrase(recent_titles: Sequence[str], brands: Sequence[tuple[str, int]],
                     themes: Sequence[tuple[str, int]]) -> str:
-    parts = [f"recent items: {'; '.join(recent_titles)}."]
+    parts = [f"recent items: {'; '.join(mention(t) for t in recent_titles)}."]
     if brands:
-        parts.append("repeated brands: " + ", ".join(f"{b} ({n})" for b, n in brands) + ".")
+        parts.append("repeated brands: " + ", ".join(f"{mention(b)} ({n})" for b, n in brands) + ".")
     if themes:
-        parts.append("repeated themes: " + ", ".join(f"{t} ({n})" for t, n in themes) + ".")
+        parts.append("repeated themes: " + ", ".join(f"{mention(t)} ({n})" for t, n in themes) + ".")
     return " ".join(parts)
 
 
 def preference_phrase(theme: str, brand: str | None, loyal: bool) -> str:
-    text = f"the user mostly buys {theme}"
+    text = f"the user mostly buys {mention(theme)}"
     if brand:
-        text += f" and {'sticks to' if loyal else 'has tried'} the brand {brand}"
+        text += f" and {'sticks to' if loyal else 'has tried'} the brand {mention(brand)}"
     return text + "."
 
 
-def intent_phrase(theme: str, after_theme: str, continues: bool) -> str:
+def intent_phrase(theme: str | None, after_theme: str, continues: bool) -> str:
+    """`theme` is the next item's theme when the history supports naming it, else None."""
+    if theme is None:
+        return f"after {mention(after_theme)} the user is likely to move on to a new kind of item."
     if continues:
-        return f"after {after_theme} the user is likely to continue with {theme}."
-    return f"after {after_theme} the user is likely to move on to {theme}."
+        return f"after {mention(after_theme)} the user is likely to continue with {mention(theme)}."
+    return f"after {mention(after_theme)} the user is likely to move on to {mention(theme)}."
 
 
-def recommendation_phrase(theme: str, brand: str | None) -> str:
-    text = f"recommend one item of {theme}"
+def recommendation_phrase(theme: str | None, brand: str | None) -> str:
+    text = f"recommend one item of {mention(theme)}" if theme else "recommend one item of a new kind"
     if brand:
-        text += f", preferably by {brand}"
+        text += f", preferably by {mention(brand)}"
     return text + "."
+
+
+# Words of the templates themselves: never taken for a name when they occur outside a mention.
+TEMPLATE_WORDS: frozenset[str] = frozenset(
+    w.lower() for w in re.findall(r"[A-Za-z][A-Za-z\-]+", " ".join([
+        PREAMBLE, *REASONING_LABELS.values(), evidence_phrase(["x"], [("x", 2)], [("x", 2)]),
+        preference_phrase("x", "x", True), preference_phrase("x", "x", False), intent_phrase(None, "x", False),
+        intent_phrase("x", "x", True), intent_phrase("x", "x", False), recommendation_phrase("x", "x"),
+        recommendation_phrase(None, None), "items none"])))
 
 
 def rewrite_phrase(spelled_ids: Sequence[str]) -> str:
@@ -256,6 +297,8 @@ def reasoning_completion(reasoning: str, spelled_id: str) -> str:
 TEACHER_SYSTEM_PROMPT = (
     "You explain purchase decisions for a recommender. Write exactly these labelled lines, one "
     "sentence each: Evidence:, Preference:, Intent:, Recommendation:. Base them on the purchase history. "
+    "Write every item title, brand or category you name in square brackets, exactly as the history "
+    "spells it, and name nothing the history does not contain. "
     "Never name, quote or identify the hidden next item; describe only the kind of item needed."
 )
 

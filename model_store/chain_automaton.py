@@ -1,0 +1,297 @@
+"""The reasoning chain's decoding constraint: which tokens may come next, one request at a time.
+
+Both engines run this same automaton (the transformers engine in its decoding loop, vLLM in a logits
+processor), so a chain is faithful by construction, not by luck:
+
+- structure: the five section labels are forced in their fixed order; a section ends at a newline,
+  or is closed by force when its share of the budget is spent; the chain ends with THINK_END after
+  the rewrite section, so it always closes within the budget when the budget holds the labels;
+- grounding: outside a mention, free text may not contain markers, item IDs, special tokens or a
+  word that starts a catalog brand or theme; a token ending with MENTION_OPEN switches to a token
+  trie over the history's titles, brands and themes (each closed by MENTION_CLOSE), so a mention can
+  only name what the history supports, each name at most `max_mentions` times;
+- the rewrite section lists history items as a subsequence of the history, by their ID tokens;
+- no token 4-gram of free text repeats (no repetition loops).
+
+`ChainVocab` holds the per-tokenizer masks (built once, saved beside a vLLM model folder);
+`ChainSpec` the per-request part (token keys of the history's names and IDs, the budget), small
+enough to travel in vLLM's `SamplingParams.extra_args`.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from model_store import tokens
+from model_store.grounding import GroundingIndex, ItemNames
+
+NGRAM = 4
+MIN_BODY_TOKENS = 3
+
+
+@dataclass
+class ChainVocab:
+    """Token classes of one tokenizer (arrays over the model's vocabulary)."""
+
+    think_end: int
+    newline: int
+    free: np.ndarray  # bool: allowed in free text outside a mention
+    opener: np.ndarray  # bool: ends with MENTION_OPEN (starts a mention)
+    line_end: np.ndarray  # bool: ends with exactly one newline (ends a section)
+    headers: list[list[int]]  # token ids of each section's label, in stage order
+
+    @property
+    def size(self) -> int:
+        return int(self.free.shape[0])
+
+    @classmethod
+    def build(cls, tokenizer: Any, vocab_size: int, banned: set[int], name_words: frozenset[str]) -> ChainVocab:
+        """`banned`: ids free text may never contain (model_store.tokens.reasoning_banned_token_ids);
+        `name_words`: lower-case words that start a catalog name (GroundingIndex.name_words)."""
+        n = min(len(tokenizer), vocab_size)
+        texts = tokenizer.batch_decode([[i] for i in range(n)], skip_special_tokens=False)
+        free = np.zeros(vocab_size, dtype=bool)
+        opener = np.zeros(vocab_size, dtype=bool)
+        line_end = np.zeros(vocab_size, dtype=bool)
+        markers = (tokens.MENTION_OPEN, tokens.MENTION_CLOSE)
+        think_end = int(tokenizer.convert_tokens_to_ids(tokens.THINK_END))
+        # A token that could start spelling a name outside a mention is not free text; template words
+        # (and their starts) stay free whatever the catalog's names.
+        template = {w[:k] for w in tokens.TEMPLATE_WORDS for k in range(1, len(w) + 1)}
+        name_starts = {w[:k] for w in name_words for k in range(3, len(w) + 1)} - template
+        for i, text in enumerate(texts):
+            if i in banned or i == think_end or not text:
+                continue
+            if any(m in text for m in markers) or "\n" in text:
+                if (text.endswith(tokens.MENTION_OPEN) and text.count(tokens.MENTION_OPEN) == 1
+                        and tokens.MENTION_CLOSE not in text and "\n" not in text):
+                    opener[i] = True
+                elif text.endswith("\n") and text.count("\n") == 1 and not any(m in text for m in markers):
+                    line_end[i] = True
+                continue
+            if text.strip().lower() in name_starts:
+                continue
+            free[i] = True
+
+        def encode(text: str) -> list[int]:
+            return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+        labels = [tokens.REASONING_LABELS[s] for s in tokens.REASONING_STAGES]
+        # The rewrite section's IDs follow its label and a space, as the curriculum writes them.
+        headers = [encode(label) for label in labels[:-1]] + [encode(labels[-1] + " ")]
+        newline = encode(tokens.SECTION_SEPARATOR)[-1]
+        line_end[newline] = True
+        return cls(think_end, int(newline), free, opener, line_end, headers)
+
+    def save(self, path: str | Path) -> None:
+        flat = [t for h in self.headers for t in h]
+        np.savez(path, think_end=self.think_end, newline=self.newline, free=self.free, opener=self.opener,
+                 line_end=self.line_end, header_tokens=np.asarray(flat, dtype=np.int64),
+                 header_lengths=np.asarray([len(h) for h in self.headers], dtype=np.int64))
+
+    @classmethod
+    def load(cls, path: str | Path) -> ChainVocab:
+        data = np.load(path)
+        flat, lengths = data["header_tokens"].tolist(), data["header_lengths"].tolist()
+        starts = np.cumsum([0, *lengths]).tolist()
+        return cls(int(data["think_end"]), int(data["newline"]), data["free"], data["opener"], data["line_end"],
+                   [flat[starts[k]:starts[k + 1]] for k in range(len(lengths))])
+
+
+@dataclass(frozen=True)
+class ChainSpec:
+    """One request's constraint: its names' token keys, its history's ID tokens, its budget."""
+
+    mention_keys: list[list[int]]  # tokens of `name + MENTION_CLOSE`, one per distinct name
+    history_ids: list[list[int]]  # ID tokens of each history item, oldest first
+    budget: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ChainSpec:
+        return cls([list(k) for k in data["mention_keys"]], [list(h) for h in data["history_ids"]],
+                   int(data["budget"]))
+
+    @classmethod
+    def of(cls, history: Sequence[ItemNames], encode: Callable[[str], list[int]],
+           id_tokens: Callable[[str], list[int]], budget: int) -> ChainSpec:
+        """`encode`: text -> token ids; `id_tokens`: spelled ID -> its token ids."""
+        names = list(dict.fromkeys(n for it in history for n in it.names()))
+        return cls([encode(n + tokens.MENTION_CLOSE) for n in names], [id_tokens(it.spelled_id) for it in history],
+                   budget)
+
+
+class _MentionTrie:
+    def __init__(self, keys: Sequence[Sequence[int]]):
+        self.children: list[dict[int, int]] = [{}]
+        self.under: list[set[int]] = [set()]  # key indices below each node
+        self.complete: dict[int, int] = {}  # node -> key index that ends there
+        for k, key in enumerate(keys):
+            node = 0
+            self.under[0].add(k)
+            for t in key:
+                nxt = self.children[node].get(t)
+                if nxt is None:
+                    nxt = len(self.children)
+                    self.children[node][t] = nxt
+                    self.children.append({})
+                    self.under.append(set())
+                node = nxt
+                self.under[node].add(k)
+            self.complete.setdefault(node, k)
+        self.longest = max((len(k) for k in keys), default=0)
+
+
+class ChainAutomaton:
+    """The state of one chain; `allowed()` masks the next token, `advance(token)` consumes it."""
+
+    def __init__(self, vocab: ChainVocab, spec: ChainSpec, max_mentions: int = 2):
+        self.vocab, self.spec = vocab, spec
+        self.max_mentions = max_mentions
+        self.trie = _MentionTrie(spec.mention_keys)
+        self.used: dict[int, int] = defaultdict(int)
+        self.section = 0
+        self.phase = "header"
+        self.queue = list(vocab.headers[0])
+        self.body_len = 0
+        self.node = 0
+        self.next_item = 0  # rewrite: items before this history position are no longer allowed
+        self.partial: list[int] = []
+        self.ids_listed = 0
+        self.generated: list[int] = []
+        self._seen: dict[tuple[int, ...], set[int]] = defaultdict(set)
+        n_sections = len(vocab.headers)
+        depth = len(spec.history_ids[0]) if spec.history_ids else 0
+        # Labels, the newlines between sections, one ID and THINK_END itself (vLLM counts it).
+        fixed = sum(len(h) for h in vocab.headers) + (n_sections - 1) + depth + 1
+        self.cap = max(MIN_BODY_TOKENS + 1, (spec.budget - fixed) // max(1, n_sections - 1))
+
+    @property
+    def ended(self) -> bool:
+        """Only THINK_END may follow."""
+        return self.phase == "end"
+
+    def _only(self, token: int) -> np.ndarray:
+        mask = np.zeros(self.vocab.size, dtype=bool)
+        mask[token] = True
+        return mask
+
+    def _can_mention(self, node: int) -> bool:
+        return any(self.used[k] < self.max_mentions for k in self.trie.under[node])
+
+    def allowed(self) -> np.ndarray:
+        """Bool mask over the vocabulary of the tokens that may come next."""
+        v = self.vocab
+        if self.phase == "header":
+            return self._only(self.queue[0])
+        if self.phase == "end":
+            return self._only(v.think_end)
+        if self.phase == "mention":
+            mask = np.zeros(v.size, dtype=bool)
+            for t, child in self.trie.children[self.node].items():
+                if self._can_mention(child):
+                    mask[t] = True
+            return mask
+        if self.phase == "ids":
+            mask = np.zeros(v.size, dtype=bool)
+            depth = len(self.partial)
+            for ids in self.spec.history_ids[self.next_item:]:
+                if ids[:depth] == self.partial:
+                    mask[ids[depth]] = True
+            if not self.partial and self.ids_listed:
+                mask[v.think_end] = True
+            return mask
+        left = self.cap - self.body_len
+        if left <= 1:
+            return self._only(v.newline)
+        mask = v.free.copy()
+        if self.body_len >= MIN_BODY_TOKENS:
+            mask |= v.line_end
+        if left >= self.trie.longest + 2 and self._can_mention(0):
+            mask |= v.opener
+        for t in self._seen.get(tuple(self.generated[-(NGRAM - 1):]), ()):
+            mask[t] = False
+        if not mask.any():
+            return self._only(v.newline)
+        return mask
+
+    def advance(self, token: int) -> None:
+        v = self.vocab
+        self.generated.append(token)
+        if len(self.generated) >= NGRAM:
+            self._seen[tuple(self.generated[-NGRAM:-1])].add(token)
+        if self.phase == "header":
+            self.queue.pop(0)
+            if not self.queue:
+                self._start_body()
+        elif self.phase == "mention":
+            self.body_len += 1
+            self.node = self.trie.children[self.node][token]
+            key = self.trie.complete.get(self.node)
+            if key is not None:
+                self.used[key] += 1
+                self.phase = "body"
+        elif self.phase == "ids":
+            self._advance_ids(token)
+        elif self.phase == "body":
+            self.body_len += 1
+            if v.line_end[token]:
+                self.section += 1
+                self.queue = list(v.headers[self.section])
+                self.phase = "header"
+            elif v.opener[token]:
+                self.phase, self.node = "mention", 0
+
+    def _start_body(self) -> None:
+        self.body_len = 0
+        if self.section < len(self.vocab.headers) - 1:
+            self.phase = "body"
+        else:
+            self.phase = "ids" if self.spec.history_ids else "end"
+            self._check_room()
+
+    def _advance_ids(self, token: int) -> None:
+        self.partial.append(token)
+        for pos in range(self.next_item, len(self.spec.history_ids)):
+            if self.spec.history_ids[pos] == self.partial:
+                self.next_item, self.partial = pos + 1, []
+                self.ids_listed += 1
+                break
+        self._check_room()
+
+    def _check_room(self) -> None:
+        depth = len(self.spec.history_ids[0]) if self.spec.history_ids else 0
+        room = self.spec.budget - len(self.generated) - 1  # THINK_END needs a place too
+        if not self.partial and (self.next_item >= len(self.spec.history_ids) or room < depth):
+            self.phase = "end"
+
+
+class ChainGrounding:
+    """Per bundle and tokenizer: the vocabulary classes, and each request's `ChainSpec` from its prompt."""
+
+    def __init__(self, index: GroundingIndex, tokenizer: Any, vocab_size: int,
+                 encode: Callable[[str], list[int]] | None = None):
+        self.index = index
+        self.encode = encode or (lambda text: list(tokenizer(text, add_special_tokens=False)["input_ids"]))
+        fmt = index.id_format
+        self._code_token = tokens.id_token_ids(tokenizer, fmt)
+        banned = tokens.reasoning_banned_token_ids(tokenizer, fmt)
+        self.vocab = ChainVocab.build(tokenizer, vocab_size, banned, index.name_words())
+
+    def id_tokens(self, spelled: str) -> list[int]:
+        fmt = self.index.id_format
+        return [self._code_token[fmt.flat_code(level, c)] for level, c in enumerate(fmt.parse(spelled))]
+
+    def history(self, prompt: str) -> list[ItemNames]:
+        return self.index.history_of_prompt(prompt)
+
+    def spec(self, history: Sequence[ItemNames], budget: int) -> ChainSpec:
+        return ChainSpec.of(history, self.encode, self.id_tokens, budget)
