@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from model_store.bundle import Bundle
+from model_store.grounding import GroundingIndex, cite_sections
 from model_store.tokens import direct_prompt, reasoning_prompt, truncate_history
 from service.engine.base import Engine, EngineRequest, ReasoningDelta, ReasoningDone, ScoredItem
 from service.history import HistoryStore
@@ -61,6 +62,9 @@ class Result:
     fallback: str | None = None
     reasoning_tokens: int = 0
     latency_ms: float = 0.0
+    finish_reason: str | None = None  # streams with reasoning: "end_of_thinking" or "length"
+    # (section, ids of the history items it names), one per section of the reasoning.
+    citations: list[tuple[str, list[str]]] = field(default_factory=list)
 
 
 @dataclass
@@ -98,6 +102,7 @@ class Recommender:
         self.history_cap = history_cap
         self.drop_chunk = drop_chunk
         self.metrics = metrics
+        self._grounding: GroundingIndex | None = None  # built on the first stream (item themes)
 
     # ------------------------------------------------------------------ validation
     def indices(self, field_ids: dict[str, Sequence[str] | None]) -> dict[str, list[int]]:
@@ -167,6 +172,7 @@ class Recommender:
             yield StreamDone(self._finish(plan, self._popular(plan)))
             return
         first_delta = True
+        text: list[str] = []
         events = self.engine.reason(self.engine_request(plan, reasoning=True), max_reasoning_tokens)
         async with aclosing(events):  # type: ignore[type-var]
             async for event in events:
@@ -174,6 +180,7 @@ class Recommender:
                     if first_delta and self.metrics is not None:
                         self.metrics.first_reasoning_token.observe(time.perf_counter() - plan.started)
                     first_delta = False
+                    text.append(event.text)
                     yield event
                 elif isinstance(event, ReasoningDone):
                     if self.metrics is not None:
@@ -181,9 +188,17 @@ class Recommender:
                         self.metrics.served.labels(self.bundle.version, "reasoning").inc()
                     result = self._finish(plan, self._describe(event.items))
                     result.reasoning_tokens = event.reasoning_tokens
+                    result.finish_reason = event.finish_reason
+                    result.citations = self.citations("".join(text), plan.history)
                     yield StreamDone(result)
 
     # ------------------------------------------------------------------ helpers
+    def citations(self, reasoning: str, history: Sequence[int]) -> list[tuple[str, list[str]]]:
+        """Which history items each section of the reasoning names (for "because you bought X")."""
+        if self._grounding is None:
+            self._grounding = GroundingIndex(self.bundle)
+        return cite_sections(reasoning, self._grounding.names_of(history))
+
     def _nothing_allowed(self, plan: Plan) -> bool:
         return plan.allow is not None and not (plan.allow - plan.exclude)
 

@@ -194,12 +194,24 @@ class ItemsEvent(BaseModel):
     items: list[ItemOut]
 
 
+class SectionCitations(BaseModel):
+    """The history items one section of the reasoning names (by title, brand or theme, or by ID)."""
+
+    section: Literal["evidence", "preference", "intent", "recommendation", "rewrite"]
+    item_ids: list[str] = Field(description="ids of history items, in the order the section names them")
+
+
 class DoneEvent(BaseModel):
     """`event: done`: the last event of a stream that succeeded."""
 
     request_id: str
     reasoning_tokens: int
     latency_ms: float
+    finish_reason: Literal["end_of_thinking", "length"] | None = Field(
+        None, description="end_of_thinking: the reasoning closed itself within its budget; length: the budget "
+                          "ran out first; null when the stream answered without reasoning (popular fallback)")
+    citations: list[SectionCitations] = Field(
+        default_factory=list, description="per section of the reasoning, the history items it cites")
 
 
 class ErrorEvent(BaseModel):

@@ -15,7 +15,15 @@ from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
-from service.api.schemas import STREAM_EVENTS, DoneEvent, ErrorEvent, ItemsEvent, ReasoningEvent, item_out
+from service.api.schemas import (
+    STREAM_EVENTS,
+    DoneEvent,
+    ErrorEvent,
+    ItemsEvent,
+    ReasoningEvent,
+    SectionCitations,
+    item_out,
+)
 from service.engine.base import EngineOverloaded, EngineUnavailable, ReasoningDelta
 from service.metrics import Metrics
 from service.recommender import Plan, Recommender, StreamDone
@@ -58,8 +66,12 @@ async def stream_events(plan: Plan, first: ReasoningDelta | StreamDone | None,
                 result = event.result
                 yield sse("items", ItemsEvent.model_construct(items=[item_out(i) for i in result.items]))
                 finished = True
-                yield sse("done", DoneEvent(request_id=plan.request_id, reasoning_tokens=result.reasoning_tokens,
-                                            latency_ms=round((time.perf_counter() - plan.started) * 1000, 3)))
+                yield sse("done", DoneEvent(
+                    request_id=plan.request_id, reasoning_tokens=result.reasoning_tokens,
+                    latency_ms=round((time.perf_counter() - plan.started) * 1000, 3),
+                    finish_reason=result.finish_reason,  # type: ignore[arg-type]
+                    citations=[SectionCitations(section=s, item_ids=ids)  # type: ignore[arg-type]
+                               for s, ids in result.citations]))
             event = await anext(events, None)
     except Exception as exc:  # the stream has started: report in-band, then end it
         log.warning("stream failed after start", exc_info=exc)
@@ -98,7 +110,7 @@ def _event_schema(name: str, payload: type[BaseModel]) -> dict[str, Any]:
 
 STREAM_OK: dict[int | str, dict[str, Any]] = {200: {
     "description": "server-sent events: reasoning {delta}*, items {items}, done {request_id, reasoning_tokens, "
-                   "latency_ms}; error {code, message} instead when the stream fails after it started",
+                   "latency_ms, finish_reason, citations}; error {code, message} instead when the stream fails after it started",
     "content": {"text/event-stream": {"itemSchema": {
         "oneOf": [_event_schema(name, payload) for name, payload in STREAM_EVENTS.items()]}}}}}
 

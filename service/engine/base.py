@@ -43,6 +43,8 @@ class ReasoningDelta:
 class ReasoningDone:
     items: list[ScoredItem]
     reasoning_tokens: int
+    # "end_of_thinking": the chain closed itself; "length": the budget ran out first.
+    finish_reason: str = "end_of_thinking"
 
 
 @dataclass

@@ -209,7 +209,7 @@ class ProcessEngine(Engine):
                     yield ReasoningDelta(message[2])
                 elif message[0] == "done":
                     finished = True
-                    yield ReasoningDone(_items(message[2]), message[3])
+                    yield ReasoningDone(_items(message[2]), message[3], message[4])
                     return
                 else:  # "error"
                     finished = True
@@ -356,7 +356,7 @@ class _ChildServer:
                     self.send(("delta", wid, event.text))
                     await self.writer.drain()  # a slow gateway slows the generation, not our memory
                 else:
-                    self.send(("done", wid, _pairs(event.items), event.reasoning_tokens))
+                    self.send(("done", wid, _pairs(event.items), event.reasoning_tokens, event.finish_reason))
         except EngineOverloaded as exc:
             self.send(("error", wid, "overloaded", str(exc), exc.retry_after))
         except asyncio.CancelledError:

@@ -1,6 +1,9 @@
 """Reasoning generation for the transformers engine, one token per step, so that streams interleave
 fairly with top-k batches on the decode workers and stop as soon as their consumer goes away (the next
-step is simply never submitted). Every method runs on a worker thread."""
+step is simply never submitted). Every method runs on a worker thread.
+
+Each step is masked by the request's chain automaton (model_store.chain_automaton): fixed sections,
+mentions only of what the history holds, no repetition loops, closed by THINK_END within the budget."""
 
 from __future__ import annotations
 
@@ -12,12 +15,12 @@ from typing import Any
 import torch
 
 from model_store.bundle import Bundle
-from model_store.tokens import (
-    THINK_END,
-    reasoning_answer_suffix,
-    reasoning_banned_token_ids,
-    reasoning_prompt,
-)
+from model_store.chain_automaton import ChainAutomaton, ChainGrounding
+from model_store.grounding import GroundingIndex, ItemNames
+from model_store.tokens import THINK_END, reasoning_answer_suffix, reasoning_prompt
+
+FINISH_END_OF_THINKING = "end_of_thinking"
+FINISH_LENGTH = "length"
 
 
 @dataclass
@@ -32,6 +35,8 @@ class ReasoningSession:
     generated: list[int] = field(default_factory=list)
     emitted: str = ""
     finished: bool = False
+    finish_reason: str = FINISH_LENGTH
+    chain: ChainAutomaton | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)
 
 
@@ -49,7 +54,7 @@ class ReasoningDecoder:
     """Greedy (or sampled) free-text decoding with the bundle's model, ended by THINK_END or the budget."""
 
     def __init__(self, model: Any, tokenizer: Any, bundle: Bundle, tokenizer_lock: threading.Lock,
-                 temperature: float = 0.0, seed: int = 0):
+                 temperature: float = 0.0, seed: int = 0, grounding: GroundingIndex | None = None):
         self.model, self.tokenizer, self.bundle = model, tokenizer, bundle
         self.temperature = temperature
         self._tokenizer_lock = tokenizer_lock  # a fast tokenizer is not safe to call from two threads at once
@@ -57,13 +62,9 @@ class ReasoningDecoder:
         self.think_end = int(tokenizer.convert_tokens_to_ids(THINK_END))
         self.suffix_ids = self.encode(reasoning_answer_suffix())
         self._max_positions = int(getattr(model.config, "max_position_embeddings", 4096))
-        # Free reasoning text may not contain ID tokens or markers (only THINK_END may end it), nor
-        # the padding rows of an embedding matrix larger than the tokenizer.
+        # The chain's masks cover the whole output layer: rows past the tokenizer are never free text.
         vocab = int(model.get_output_embeddings().weight.shape[0])
-        banned = torch.zeros(vocab, dtype=torch.bool)
-        banned[len(tokenizer):] = True
-        banned[[t for t in reasoning_banned_token_ids(tokenizer, bundle.id_format) if t < vocab]] = True
-        self._banned = banned
+        self.grounding = ChainGrounding(grounding or GroundingIndex(bundle), tokenizer, vocab, self.encode)
 
     def encode(self, text: str) -> list[int]:
         with self._tokenizer_lock:
@@ -72,14 +73,20 @@ class ReasoningDecoder:
     def prompt_ids(self, spelled_history: Sequence[str]) -> list[int]:
         return self.encode(reasoning_prompt(spelled_history))
 
+    def history(self, prompt: str) -> list[ItemNames]:
+        return self.grounding.history(prompt)
+
     def answer_ids(self, session: ReasoningSession) -> list[int]:
         """The prompt for the items that follow the reasoning (decoded as in direct mode)."""
         return session.prompt_ids + session.generated + self.suffix_ids
 
-    def prefill(self, request_id: str, prompt_ids: list[int], max_tokens: int) -> ReasoningSession:
+    def prefill(self, request_id: str, prompt_ids: list[int], max_tokens: int,
+                history: Sequence[ItemNames] = ()) -> ReasoningSession:
+        """`history`: the items the chain may name and cite (`history(prompt)`)."""
         # Leave room in the position table for the answer suffix and the ID tokens.
         room = self._max_positions - len(prompt_ids) - len(self.suffix_ids) - self.bundle.trie.depth
         session = ReasoningSession(request_id, prompt_ids, budget=max(0, min(max_tokens, room)))
+        session.chain = ChainAutomaton(self.grounding.vocab, self.grounding.spec(history, session.budget))
         with torch.inference_mode():
             out = self.model(input_ids=torch.tensor([prompt_ids]), use_cache=True, logits_to_keep=1)
         session.cache, session.logits = out.past_key_values, out.logits[0, -1]
@@ -91,17 +98,19 @@ class ReasoningDecoder:
         if session.cancelled.is_set() or session.finished:
             session.finished = True
             return ""
-        assert session.logits is not None
-        logits = session.logits.float().masked_fill(self._banned, float("-inf"))
+        assert session.logits is not None and session.chain is not None
+        allowed = torch.from_numpy(session.chain.allowed())
+        logits = session.logits.float().masked_fill(~allowed, float("-inf"))
         if self.temperature > 0:
             probs = torch.softmax(logits / self.temperature, dim=-1)
             token = int(torch.multinomial(probs, 1, generator=self._generator))
         else:
             token = int(torch.argmax(logits))
         if token == self.think_end:
-            session.finished = True
+            session.finished, session.finish_reason = True, FINISH_END_OF_THINKING
             return ""
         session.generated.append(token)
+        session.chain.advance(token)
         if len(session.generated) >= session.budget:
             session.finished = True
         else:

@@ -164,7 +164,8 @@ class RemoteEngine(Engine):
                             if "delta" in msg:
                                 yield ReasoningDelta(msg["delta"])
                             elif "items" in msg:
-                                yield ReasoningDone(items_from_wire(msg["items"]), int(msg["reasoning_tokens"]))
+                                yield ReasoningDone(items_from_wire(msg["items"]), int(msg["reasoning_tokens"]),
+                                                    str(msg.get("finish_reason", "end_of_thinking")))
                                 return
                             elif "error" in msg:
                                 err = msg["error"]

@@ -122,7 +122,8 @@ class TransformersEngine(Engine):
         await self.batcher.submit(TopkJob(direct_prompt(spelled), None, 1, self.default_beams, frozenset(), None,
                                           asyncio.get_running_loop().create_future()))
         prompt_ids = await self.pool.run(self.reasoning.prompt_ids, spelled)
-        session = await self.pool.run(self.reasoning.prefill, "warm-up", prompt_ids, 2)
+        history = self.reasoning.grounding.index.names_of(self.bundle.popular(5))
+        session = await self.pool.run(self.reasoning.prefill, "warm-up", prompt_ids, 2, history)
         while not session.finished:
             await self.pool.run(self.reasoning.step, session)
 
@@ -172,7 +173,7 @@ class TransformersEngine(Engine):
             worker = next(self._reasoning_turn) % self.workers
             prompt_ids = await self.pool.run(reasoning.encode, request.prompt, worker=worker)
             session = await self.pool.run(reasoning.prefill, request.request_id, prompt_ids, max_reasoning_tokens,
-                                          worker=worker)
+                                          reasoning.history(request.prompt), worker=worker)
             while not session.finished:
                 delta = await self.pool.run(reasoning.step, session, worker=worker)
                 if delta:
@@ -184,7 +185,8 @@ class TransformersEngine(Engine):
             session.cache = None  # free the reasoning KV cache before the top-k prefill
             items = await self.batcher.submit(self._job(request, prompt=None, prompt_ids=answer_ids))
             outcome = "done"
-            yield ReasoningDone(items=items, reasoning_tokens=len(session.generated))
+            yield ReasoningDone(items=items, reasoning_tokens=len(session.generated),
+                                finish_reason=session.finish_reason)
         except (GeneratorExit, asyncio.CancelledError):
             # The consumer went away (client disconnect): make sure no further step runs.
             outcome = "cancelled"

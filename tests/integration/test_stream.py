@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 import pytest
 
-from model_store.tokens import SPECIAL_TOKENS
+from model_store.tokens import REASONING_LABELS, SPECIAL_TOKENS
 from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -61,8 +61,8 @@ async def test_stream_event_order_and_content(make_client: Any, gw_bundle: Any) 
         n = kinds.count("reasoning")
         assert n >= 1 and kinds == ["reasoning"] * n + ["items", "done"]
         text = "".join(data["delta"] for kind, data in events if kind == "reasoning")
-        # Free text only: no semantic-ID tokens and no markers leak into the reasoning.
-        assert not re.search(r"<[a-j]_\d+>", text)
+        # No markers leak into the reasoning, and item IDs only in the rewrite section.
+        assert not re.search(r"<[a-j]_\d+>", text.split(REASONING_LABELS["rewrite"])[0])
         assert not any(marker in text for marker in SPECIAL_TOKENS)
         items = events[-2][1]["items"]
         got = [item["item_id"] for item in items]
@@ -72,6 +72,9 @@ async def test_stream_event_order_and_content(make_client: Any, gw_bundle: Any) 
         done = events[-1][1]
         assert done["request_id"] == "stream-1"
         assert 1 <= done["reasoning_tokens"] <= 24 and done["latency_ms"] > 0
+        assert done["finish_reason"] in ("end_of_thinking", "length")
+        assert [c["section"] for c in done["citations"]] == [
+            s for s in REASONING_LABELS if REASONING_LABELS[s] in text]
         metrics = (await client.get("/metrics")).text
         assert "gream_reasoning_first_token_seconds_count 1.0" in metrics
         assert "gream_reasoning_tokens_count 1.0" in metrics

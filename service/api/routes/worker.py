@@ -75,7 +75,8 @@ def worker_router(dependencies: Sequence[Any] = ()) -> APIRouter:
                         yield json.dumps({"delta": event.text}) + "\n"
                     else:
                         yield json.dumps({"items": items_to_wire(event.items),
-                                          "reasoning_tokens": event.reasoning_tokens}) + "\n"
+                                          "reasoning_tokens": event.reasoning_tokens,
+                                          "finish_reason": event.finish_reason}) + "\n"
             except EngineOverloaded as exc:
                 yield json.dumps({"error": {"code": "overloaded", "message": str(exc)}}) + "\n"
             except Exception as exc:  # the stream has started: report in-band
