@@ -11,7 +11,7 @@ processor), so a chain is faithful by construction, not by luck:
   trie over the history's titles, brands and themes (each closed by MENTION_CLOSE), so a mention can
   only name what the history supports, each name at most `max_mentions` times;
 - the rewrite section lists history items as a subsequence of the history, by their ID tokens;
-- no token 4-gram of free text repeats (no repetition loops).
+- no token 4-gram of free text repeats and no token comes three times in a row (no repetition loops).
 
 `ChainVocab` holds the per-tokenizer masks (built once, saved beside a vLLM model folder);
 `ChainSpec` the per-request part (token keys of the history's names and IDs, the budget), small
@@ -32,7 +32,7 @@ from model_store import tokens
 from model_store.grounding import GroundingIndex, ItemNames
 
 NGRAM = 4
-MIN_BODY_TOKENS = 3
+MIN_SECTION_WORDS = 3  # each free section says something: 4 x 3 words and the labels make >= 12 words
 
 
 @dataclass
@@ -44,6 +44,7 @@ class ChainVocab:
     free: np.ndarray  # bool: allowed in free text outside a mention
     opener: np.ndarray  # bool: ends with MENTION_OPEN (starts a mention)
     line_end: np.ndarray  # bool: ends with exactly one newline (ends a section)
+    word_start: np.ndarray  # bool: starts with whitespace and has text (starts a new word)
     headers: list[list[int]]  # token ids of each section's label, in stage order
 
     @property
@@ -59,6 +60,7 @@ class ChainVocab:
         free = np.zeros(vocab_size, dtype=bool)
         opener = np.zeros(vocab_size, dtype=bool)
         line_end = np.zeros(vocab_size, dtype=bool)
+        word_start = np.zeros(vocab_size, dtype=bool)
         markers = (tokens.MENTION_OPEN, tokens.MENTION_CLOSE)
         think_end = int(tokenizer.convert_tokens_to_ids(tokens.THINK_END))
         # A token that could start spelling a name outside a mention is not free text; template words
@@ -68,6 +70,7 @@ class ChainVocab:
         for i, text in enumerate(texts):
             if i in banned or i == think_end or not text:
                 continue
+            word_start[i] = text[0].isspace() and bool(text.strip())
             if any(m in text for m in markers) or "\n" in text:
                 if (text.endswith(tokens.MENTION_OPEN) and text.count(tokens.MENTION_OPEN) == 1
                         and tokens.MENTION_CLOSE not in text and "\n" not in text):
@@ -87,12 +90,12 @@ class ChainVocab:
         headers = [encode(label) for label in labels[:-1]] + [encode(labels[-1] + " ")]
         newline = encode(tokens.SECTION_SEPARATOR)[-1]
         line_end[newline] = True
-        return cls(think_end, int(newline), free, opener, line_end, headers)
+        return cls(think_end, int(newline), free, opener, line_end, word_start, headers)
 
     def save(self, path: str | Path) -> None:
         flat = [t for h in self.headers for t in h]
         np.savez(path, think_end=self.think_end, newline=self.newline, free=self.free, opener=self.opener,
-                 line_end=self.line_end, header_tokens=np.asarray(flat, dtype=np.int64),
+                 line_end=self.line_end, word_start=self.word_start, header_tokens=np.asarray(flat, dtype=np.int64),
                  header_lengths=np.asarray([len(h) for h in self.headers], dtype=np.int64))
 
     @classmethod
@@ -101,7 +104,7 @@ class ChainVocab:
         flat, lengths = data["header_tokens"].tolist(), data["header_lengths"].tolist()
         starts = np.cumsum([0, *lengths]).tolist()
         return cls(int(data["think_end"]), int(data["newline"]), data["free"], data["opener"], data["line_end"],
-                   [flat[starts[k]:starts[k + 1]] for k in range(len(lengths))])
+                   data["word_start"], [flat[starts[k]:starts[k + 1]] for k in range(len(lengths))])
 
 
 @dataclass(frozen=True)
@@ -162,6 +165,7 @@ class ChainAutomaton:
         self.phase = "header"
         self.queue = list(vocab.headers[0])
         self.body_len = 0
+        self.body_words = 0
         self.node = 0
         self.next_item = 0  # rewrite: items before this history position are no longer allowed
         self.partial: list[int] = []
@@ -172,7 +176,7 @@ class ChainAutomaton:
         depth = len(spec.history_ids[0]) if spec.history_ids else 0
         # Labels, the newlines between sections, one ID and THINK_END itself (vLLM counts it).
         fixed = sum(len(h) for h in vocab.headers) + (n_sections - 1) + depth + 1
-        self.cap = max(MIN_BODY_TOKENS + 1, (spec.budget - fixed) // max(1, n_sections - 1))
+        self.cap = max(MIN_SECTION_WORDS + 2, (spec.budget - fixed) // max(1, n_sections - 1))
 
     @property
     def ended(self) -> bool:
@@ -213,12 +217,17 @@ class ChainAutomaton:
         if left <= 1:
             return self._only(v.newline)
         mask = v.free.copy()
-        if self.body_len >= MIN_BODY_TOKENS:
+        words_needed = MIN_SECTION_WORDS - self.body_words
+        if words_needed <= 0:
             mask |= v.line_end
         if left >= self.trie.longest + 2 and self._can_mention(0):
             mask |= v.opener
+        if 0 < words_needed >= left - 1:
+            mask &= v.word_start  # the section's last tokens must still make its words
         for t in self._seen.get(tuple(self.generated[-(NGRAM - 1):]), ()):
             mask[t] = False
+        if len(self.generated) >= 2 and self.generated[-1] == self.generated[-2]:
+            mask[self.generated[-1]] = False
         if not mask.any():
             return self._only(v.newline)
         return mask
@@ -243,6 +252,7 @@ class ChainAutomaton:
             self._advance_ids(token)
         elif self.phase == "body":
             self.body_len += 1
+            self.body_words += bool(v.word_start[token])
             if v.line_end[token]:
                 self.section += 1
                 self.queue = list(v.headers[self.section])
@@ -251,7 +261,7 @@ class ChainAutomaton:
                 self.phase, self.node = "mention", 0
 
     def _start_body(self) -> None:
-        self.body_len = 0
+        self.body_len = self.body_words = 0
         if self.section < len(self.vocab.headers) - 1:
             self.phase = "body"
         else:
