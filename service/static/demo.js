@@ -13,6 +13,7 @@
     recommend: $("recommend-button"), stop: $("stop-button"), error: $("error"), stats: $("stats"),
     status: $("status"), ttft: $("ttft"), latency: $("latency"), tokens: $("reasoning-tokens"),
     reasoning: $("reasoning"), items: $("items"), model: $("model-info"),
+    finishReason: $("finish-reason"), citations: $("citations"),
   };
   // Relative URLs, so the page also works behind a path prefix (it is served at <prefix>/demo).
   const API = { items: "v1/items", stream: "v1/recommendations/stream", ready: "readyz" };
@@ -125,6 +126,8 @@
   function renderHistory() {
     els.history.replaceChildren(...history.map((item, i) => {
       const li = el("li");
+      li.id = "chip-" + item.item_id; // the reasoning's citations link here
+      li.tabIndex = -1;
       const text = el("span", "item-text", item.title);
       text.append(el("span", "item-id", item.item_id));
       const remove = el("button", "link small", "Remove");
@@ -210,6 +213,9 @@
   function resetOutput() {
     clearError();
     els.reasoning.replaceChildren();
+    els.citations.replaceChildren();
+    els.citations.hidden = true;
+    els.finishReason.textContent = "–";
     els.items.replaceChildren();
     els.ttft.textContent = els.latency.textContent = els.tokens.textContent = "–";
     delete els.stats.dataset.ttftMs;
@@ -305,6 +311,9 @@
           els.latency.title = "server: " + ms(payload.latency_ms) + " · request " + payload.request_id;
           els.stats.dataset.latencyMs = total.toFixed(1);
           els.tokens.textContent = String(payload.reasoning_tokens);
+          els.finishReason.textContent = payload.finish_reason === "end_of_thinking" ? "its own end"
+            : payload.finish_reason === "length" ? "the budget" : "–";
+          renderCitations(payload.citations || []);
           els.status.textContent = "done";
         } else if (event === "error") {
           failed = true;
@@ -329,6 +338,27 @@
       controller = null;
       setBusy(false);
     }
+  }
+
+  // "Because you bought X": each section's cited history items, linked to their chips.
+  const SECTION_NAMES = { evidence: "Evidence", preference: "Preference", intent: "Intent",
+    recommendation: "Recommendation", rewrite: "Denoised history" };
+
+  function renderCitations(citations) {
+    const cited = citations.filter((c) => c.item_ids.length);
+    els.citations.replaceChildren(...cited.map((c) => {
+      const li = el("li", null, SECTION_NAMES[c.section] + " cites ");
+      c.item_ids.forEach((id, n) => {
+        const chip = history.find((item) => item.item_id === id);
+        const link = el("a", "citation", chip ? chip.title : id);
+        link.href = "#chip-" + id;
+        link.title = id;
+        if (n) li.append(", ");
+        li.append(link);
+      });
+      return li;
+    }));
+    els.citations.hidden = cited.length === 0;
   }
 
   els.form.addEventListener("submit", (ev) => { ev.preventDefault(); recommend(); });
