@@ -11,7 +11,7 @@ processor), so a chain is faithful by construction, not by luck:
   trie over the history's titles, brands and themes (each closed by MENTION_CLOSE), so a mention can
   only name what the history supports, each name at most `max_mentions` times;
 - the rewrite section lists history items as a subsequence of the history, by their ID tokens;
-- no token 4-gram of free text repeats and no token comes three times in a row (no repetition loops).
+- no token 4-gram of free text comes a third time and no token three times in a row (no loops).
 
 `ChainVocab` holds the per-tokenizer masks (built once, saved beside a vLLM model folder);
 `ChainSpec` the per-request part (token keys of the history's names and IDs, the budget), small
@@ -32,6 +32,7 @@ from model_store import tokens
 from model_store.grounding import GroundingIndex, ItemNames
 
 NGRAM = 4
+MAX_NGRAM_REPEATS = 2  # as model_store.grounding allows for word 4-grams
 MIN_SECTION_WORDS = 3  # each free section says something: 4 x 3 words and the labels make >= 12 words
 
 
@@ -171,7 +172,7 @@ class ChainAutomaton:
         self.partial: list[int] = []
         self.ids_listed = 0
         self.generated: list[int] = []
-        self._seen: dict[tuple[int, ...], set[int]] = defaultdict(set)
+        self._seen: dict[tuple[int, ...], dict[int, int]] = defaultdict(dict)
         n_sections = len(vocab.headers)
         depth = len(spec.history_ids[0]) if spec.history_ids else 0
         # Labels, the newlines between sections, one ID and THINK_END itself (vLLM counts it).
@@ -224,8 +225,9 @@ class ChainAutomaton:
             mask |= v.opener
         if 0 < words_needed >= left - 1:
             mask &= v.word_start  # the section's last tokens must still make its words
-        for t in self._seen.get(tuple(self.generated[-(NGRAM - 1):]), ()):
-            mask[t] = False
+        for t, count in self._seen.get(tuple(self.generated[-(NGRAM - 1):]), {}).items():
+            if count >= MAX_NGRAM_REPEATS:
+                mask[t] = False
         if len(self.generated) >= 2 and self.generated[-1] == self.generated[-2]:
             mask[self.generated[-1]] = False
         if not mask.any():
@@ -236,7 +238,8 @@ class ChainAutomaton:
         v = self.vocab
         self.generated.append(token)
         if len(self.generated) >= NGRAM:
-            self._seen[tuple(self.generated[-NGRAM:-1])].add(token)
+            seen = self._seen[tuple(self.generated[-NGRAM:-1])]
+            seen[token] = seen.get(token, 0) + 1
         if self.phase == "header":
             self.queue.pop(0)
             if not self.queue:

@@ -17,13 +17,14 @@ title); windows where it cannot be kept out (target inside the history) are skip
 after THINK_END names it.
 
 An optional teacher (`TeacherClient`, any OpenAI-compatible chat endpoint) can write sections 1-4
-instead of the templates; its text is checked for leaks like the templates' and replaced by the
-templates when it fails. The offline templates are the default. All wording lives in model_store.tokens.
+instead of the templates. Template and teacher chains alike must pass model_store.grounding's
+validator (every name a mention the history supports, the sections in order, no loops) and must not
+leak the target; a teacher answer that fails is replaced by the templates, a window whose template
+chain fails is skipped. All wording lives in model_store.tokens.
 """
 
 from __future__ import annotations
 
-import math
 import random
 import re
 from collections import Counter, defaultdict
@@ -36,54 +37,27 @@ from tqdm.auto import tqdm
 
 from model_store import tokens
 from model_store.bundle import Bundle
+from model_store.grounding import MIN_WORDS, GroundingIndex, validate_chain
+from model_store.themes import item_themes
 from training.data import next_item_windows
 from training.tasks import Example, short_title
 
 STAGES = tokens.REASONING_STAGES
-_WORD = re.compile(r"[A-Za-z][A-Za-z\-]{2,}")
-_STOP_WORDS = (
-    "the and for with from pack inch inches count set pcs piece pieces new high low mm cm ft lb lbs oz size "
-    "black white blue red green yellow silver clear grey gray large small medium mini heavy duty premium "
-    "quality professional industrial standard type model series style use kit per each one two three four "
-    "five six ten x-large assorted replacement compatible various made usa")
-_STOP = frozenset(_STOP_WORDS.split())
-
-
-def _theme_words(title: str) -> list[str]:
-    return [w.lower() for w in _WORD.findall(title) if w.lower() not in _STOP]
 
 
 class ThemeIndex:
-    """Per item: a short theme label (category, else first-code cluster label); theme transitions."""
+    """Per item: its theme (model_store.themes) and names (model_store.grounding); theme transitions
+    counted on the training sequences."""
 
     def __init__(self, bundle: Bundle, sequences: dict[str, list[str]] | None = None, label_words: int = 2):
         self.bundle = bundle
-        items = bundle.items
-        if any(it.categories for it in items):
-            self.theme_of = [(it.categories.split(" > ")[-1] if it.categories else "other items").lower()
-                             for it in items]
-        else:
-            self.theme_of = self._cluster_labels(bundle, label_words)
+        self.theme_of = item_themes(bundle, label_words)
+        self.names = GroundingIndex(bundle, self.theme_of)
         self.transitions: dict[str, Counter[str]] = defaultdict(Counter)
         for seq in (sequences or {}).values():
             idx = [bundle.index_of[i] for i in seq if i in bundle.index_of]
             for a, b in pairwise(idx):
                 self.transitions[self.theme_of[a]][self.theme_of[b]] += 1
-
-    @staticmethod
-    def _cluster_labels(bundle: Bundle, label_words: int) -> list[str]:
-        first = [int(c) for c in bundle.codes[:, 0]]
-        words_by_cluster: dict[int, Counter[str]] = defaultdict(Counter)
-        for i, it in enumerate(bundle.items):
-            words_by_cluster[first[i]].update(set(_theme_words(it.title)))
-        df = Counter(w for counts in words_by_cluster.values() for w in counts)
-        n_clusters = max(1, len(words_by_cluster))
-        label: dict[int, str] = {}
-        for cluster, counts in words_by_cluster.items():
-            # Frequent in the cluster, rare across clusters (tf-idf over clusters).
-            scored = sorted(counts, key=lambda w: (-counts[w] * math.log(1 + n_clusters / df[w]), w))
-            label[cluster] = " ".join(scored[:label_words]) or f"group {cluster}"
-        return [f"{label[first[i]]} items" for i in range(len(bundle.items))]
 
     def related(self, a: str, b: str, min_count: int = 2) -> bool:
         return a == b or self.transitions[a][b] >= min_count
@@ -102,37 +76,52 @@ class CurriculumConfig:
 def build_sections(themes: ThemeIndex, history: Sequence[int], target: int, cfg: CurriculumConfig,
                    stages: int = len(STAGES)) -> list[tuple[str, str]] | None:
     """The first `stages` reasoning sections for one window of item indices; None when the target
-    cannot be kept out of the reasoning (it is in the history, or shares a shown title)."""
+    cannot be kept out of the reasoning (it is in the history, or shares a shown title) or the chain
+    fails the validator. Every name is a mention of something the history holds, in the form the
+    serving decoder allows (model_store.grounding); the target's theme and brand are named only when
+    the history has them."""
     bundle = themes.bundle
     if not history or target in history:
         return None
-    items = bundle.items
-    hist_themes = [themes.theme_of[i] for i in history]
-    target_theme = themes.theme_of[target]
+    names = themes.names.items
+    hist_themes = [names[i].theme for i in history]
+    target_theme = names[target].theme
     # Recency-weighted counts: later items count more, so preference follows the user's drift.
     weight = Counter()
     for pos, theme in enumerate(hist_themes):
         weight[theme] += 1 + pos / len(hist_themes)
-    brands = Counter(items[i].brand for i in history if items[i].brand)
+    brands = Counter(names[i].brand for i in history if names[i].brand)
     theme_counts = Counter(hist_themes)
-    recent = [short_title(items[i].title, cfg.title_words) for i in history[-cfg.recent_items:]]
+    recent = list(dict.fromkeys(short_title(names[i].title, cfg.title_words) for i in history[-cfg.recent_items:]))
     top_theme = max(weight, key=lambda t: (weight[t], t))
     top_brand, top_brand_n = (brands.most_common(1)[0] if brands else (None, 0))
-    target_brand = items[target].brand if items[target].brand and brands[items[target].brand] else None
+    target_brand = names[target].brand if names[target].brand and brands[names[target].brand] else None
+    shown_theme = target_theme if target_theme in theme_counts else None
     sections: list[tuple[str, str]] = [
         ("evidence", tokens.evidence_phrase(recent, [(b, n) for b, n in brands.most_common(2) if n > 1],
                                             [(t, n) for t, n in theme_counts.most_common(2) if n > 1])),
         ("preference", tokens.preference_phrase(top_theme, top_brand, top_brand_n > 1)),
-        ("intent", tokens.intent_phrase(target_theme, hist_themes[-1], target_theme == hist_themes[-1])),
-        ("recommendation", tokens.recommendation_phrase(target_theme, target_brand)),
+        ("intent", tokens.intent_phrase(shown_theme, hist_themes[-1], target_theme == hist_themes[-1])),
+        ("recommendation", tokens.recommendation_phrase(shown_theme, target_brand)),
     ]
     kept = [i for i, t in zip(history, hist_themes, strict=True)
             if themes.related(t, target_theme, cfg.min_transition)] or [history[-1]]
     sections.append(("rewrite", tokens.rewrite_phrase([bundle.spelled_id(i) for i in kept])))
     sections = sections[:stages]
-    if leaks(tokens.reasoning_text(sections), bundle, target):
+    if not faithful(themes, history, target, sections):
         return None
     return sections
+
+
+def faithful(themes: ThemeIndex, history: Sequence[int], target: int, sections: Sequence[tuple[str, str]]) -> bool:
+    """The chain passes the validator serving is held to (history mentions only) and does not leak
+    the target."""
+    text = tokens.reasoning_text(sections)
+    stages = [s for s, _ in sections]
+    full = len(stages) == len(STAGES)
+    problems = validate_chain(text, themes.names.names_of(history), (), themes.names, stages=stages,
+                              min_words=MIN_WORDS if full else 0)
+    return not problems and not leaks(text, themes.bundle, target)
 
 
 def leaks(reasoning: str, bundle: Bundle, target: int, title_words: int = 6) -> bool:
@@ -168,6 +157,7 @@ class TeacherClient:
         self.model = model
         self.max_tokens = max_tokens
         self.failures = 0
+        self.rejected = 0  # answers that failed the validator and were replaced by the templates
 
     def sections(self, history_titles: Sequence[str], target_title: str, stages: Sequence[str]
                  ) -> dict[str, str] | None:
@@ -221,8 +211,10 @@ def curriculum_examples(bundle: Bundle, sequences: dict[str, list[str]], stages:
             written = teacher.sections([bundle.items[i].title for i in history], bundle.items[target].title, wanted)
             if written:
                 candidate = [(s, written.get(s, text)) for s, text in sections]
-                if not leaks(tokens.reasoning_text(candidate), bundle, target):
+                if faithful(themes, history, target, candidate):
                     sections = candidate
+                else:
+                    teacher.rejected += 1
         spelled = [bundle.spelled_id(i) for i in history]
         out.append(Example(tokens.reasoning_prompt(spelled),
                            tokens.reasoning_completion(tokens.reasoning_text(sections), bundle.spelled_id(target)),

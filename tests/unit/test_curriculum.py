@@ -118,3 +118,46 @@ def test_dense_sequential_examples_teach_every_history_item(bundle_and_sequences
         assert d.prompt.startswith(tokens.PREAMBLE + tokens.HISTORY_START)
         assert bundle.id_format.parse(d.prompt[len(tokens.PREAMBLE) + len(tokens.HISTORY_START):])
         assert d.completion.endswith(p.completion) and len(d.completion) > len(p.completion)
+
+
+@pytest.mark.parametrize("no_categories", [False, True])
+def test_template_chains_pass_the_validator(bundle_and_sequences, no_categories: bool) -> None:
+    from model_store.grounding import validate_chain
+
+    bundle, seqs = bundle_and_sequences
+    if no_categories:
+        bundle = dataclasses.replace(bundle, items=[dataclasses.replace(it, categories="") for it in bundle.items])
+    themes = ThemeIndex(bundle, seqs)
+    built = skipped = 0
+    for seq in seqs.values():
+        idx = [bundle.index_of[i] for i in seq]
+        for t in range(1, len(idx)):
+            history, target = idx[max(0, t - 10): t], idx[t]
+            sections = build_sections(themes, history, target, CurriculumConfig())
+            if sections is None:
+                skipped += target not in history
+                continue
+            built += 1
+            text = tokens.reasoning_text(sections)
+            assert validate_chain(text, themes.names.names_of(history), catalog=themes.names) == [], text
+    assert built > 50 and skipped <= 0.05 * built  # the validator rarely costs a window
+
+
+def test_teacher_text_that_fails_the_validator_is_replaced(bundle_and_sequences) -> None:
+    import json
+
+    import httpx
+
+    from training.curriculum import TeacherClient
+
+    bundle, seqs = bundle_and_sequences
+    answer = "\n".join(["Evidence: the user bought [Nonexistent Brand] things.",
+                        "Preference: the user likes Globex gear a lot.",
+                        "Intent: more of the same kind of gear.", "Recommendation: one more thing."])
+    body = json.dumps({"choices": [{"message": {"content": answer}}]})
+    teacher = TeacherClient("http://teacher.invalid/v1")
+    teacher.client = httpx.Client(base_url="http://teacher.invalid/v1", transport=httpx.MockTransport(
+        lambda request: httpx.Response(200, content=body, headers={"content-type": "application/json"})))
+    examples = curriculum_examples(bundle, dict(list(seqs.items())[:3]), stages=4, teacher=teacher)
+    assert examples and teacher.rejected == len(examples)
+    assert not any("Nonexistent" in e.completion for e in examples)
