@@ -151,9 +151,9 @@ def test_teacher_text_that_fails_the_validator_is_replaced(bundle_and_sequences)
     from training.curriculum import TeacherClient
 
     bundle, seqs = bundle_and_sequences
-    answer = "\n".join(["Evidence: the user bought [Nonexistent Brand] things.",
-                        "Preference: the user likes Globex gear a lot.",
-                        "Intent: more of the same kind of gear.", "Recommendation: one more thing."])
+    answer = ("Evidence: the user bought [Nonexistent Brand] things.\n"
+              "Preference: the user likes Globex gear a lot.\n"
+              "Intent: more of the same kind of gear.\nRecommendation: one more thing.")
     body = json.dumps({"choices": [{"message": {"content": answer}}]})
     teacher = TeacherClient("http://teacher.invalid/v1")
     teacher.client = httpx.Client(base_url="http://teacher.invalid/v1", transport=httpx.MockTransport(
