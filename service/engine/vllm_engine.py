@@ -19,9 +19,11 @@ takes candidates before the mask and silently returns fewer beams, docs/experime
 vLLM computes ``logprob_token_ids`` from the raw log-probabilities (before any logits processor,
 ``vllm/v1/sample/sampler.py``), so no renormalisation over the allowed set sneaks in.
 
-Reasoning streams free text with ``AsyncLLM.generate`` (``RequestOutputKind.DELTA``), ID tokens and
-markers disallowed, until THINK_END or the budget; then the same constrained top-k runs on
-prompt + reasoning + ``reasoning_answer_suffix()``. Closing the iterator aborts the vLLM request.
+Reasoning streams text with ``AsyncLLM.generate`` (``RequestOutputKind.DELTA``) under the request's
+chain automaton (model_store.chain_automaton), applied by vLLM's own logits-processor extension point
+(service.engine.vllm_chain, the request's ``ChainSpec`` in ``SamplingParams.extra_args``), until
+THINK_END or the budget; then the same constrained top-k runs on prompt + reasoning +
+``reasoning_answer_suffix()``. Closing the iterator aborts the vLLM request.
 
 vLLM starts its engine core with ``spawn`` on CPU: scripts that create this engine need an
 ``if __name__ == "__main__":`` guard.
@@ -33,6 +35,7 @@ import asyncio
 import collections
 import contextlib
 import itertools
+import json
 import logging
 import os
 import shutil
@@ -46,13 +49,14 @@ import numpy as np
 import torch
 
 from model_store.bundle import Bundle, load_bundle
+from model_store.chain_automaton import ChainGrounding
+from model_store.grounding import GroundingIndex
 from model_store.prior import NodeFusion
 from model_store.tokens import (
     THINK_END,
     direct_prompt,
     id_token_ids,
     reasoning_answer_suffix,
-    reasoning_banned_token_ids,
 )
 from model_store.trie import TrieFilter
 from service.engine.base import (
@@ -67,6 +71,7 @@ from service.engine.base import (
 )
 from service.engine.beam import BeamState, TrieBeamSearch, beam_widths, request_bias, stack_biases
 from service.engine.config import VLLMEngineConfig
+from service.engine.vllm_chain import CHAIN_ARG, CHAIN_VOCAB_FILE, ChainLogitsProcessor
 
 _PROJECT_ROOT = Path(__file__).resolve().parents[2]
 # vLLM reads these lazily; set project defaults before it is imported (an explicit setting wins).
@@ -118,7 +123,7 @@ class VLLMEngine(Engine):
         self._depth = trie.depth
         self._think_end = -1
         self._suffix_ids: list[int] = []
-        self._reasoning_allowed: list[int] = []
+        self._grounding: ChainGrounding | None = None
         self._max_len = 0
 
     # ------------------------------------------------------------------ lifecycle
@@ -138,6 +143,8 @@ class VLLMEngine(Engine):
         started = time.perf_counter()
         self._load_tokenizer()
         self._model_dir = self._merged_model_dir()
+        assert self._grounding is not None
+        self._grounding.vocab.save(self._model_dir / CHAIN_VOCAB_FILE)  # read by ChainLogitsProcessor
         c = self.config
         args = AsyncEngineArgs(
             model=str(self._model_dir), tokenizer=str(self._model_dir), dtype=self.dtype,
@@ -145,7 +152,7 @@ class VLLMEngine(Engine):
             block_size=c.block_size, max_num_seqs=c.max_num_seqs,
             max_num_batched_tokens=c.max_num_batched_tokens, max_model_len=c.max_model_len,
             max_logprobs=MAX_LOGPROB_TOKEN_IDS, seed=self.seed, disable_log_stats=True,
-            distributed_executor_backend=c.executor,
+            distributed_executor_backend=c.executor, logits_processors=[ChainLogitsProcessor],
         )  # KV cache size: VLLM_CPU_KVCACHE_SPACE (GiB, default 1 here)
         if c.executor == "uni":
             # The model runs inside the engine-core process instead of a further worker process: loads
@@ -193,9 +200,10 @@ class VLLMEngine(Engine):
         self._search = TrieBeamSearch(self.bundle.trie, rank)
         self._think_end = int(self.tokenizer.convert_tokens_to_ids(THINK_END))
         self._suffix_ids = self._encode(reasoning_answer_suffix())
-        # Reasoning text may not contain ID tokens, markers or other special tokens; only THINK_END ends it.
-        banned = reasoning_banned_token_ids(self.tokenizer, self.bundle.id_format)
-        self._reasoning_allowed = [t for t in range(len(self.tokenizer)) if t not in banned]
+        # The chain's masks cover the model's whole output layer.
+        config = json.loads((Path(self.bundle.model_path) / "config.json").read_text())
+        vocab_size = max(int(config.get("vocab_size", 0)), len(self.tokenizer))
+        self._grounding = ChainGrounding(GroundingIndex(self.bundle), self.tokenizer, vocab_size, self._encode)
 
     def _merged_model_dir(self) -> Path:
         """One folder with the bundle's model and tokenizer files (symlinks): vLLM looks for a model
@@ -320,14 +328,17 @@ class VLLMEngine(Engine):
         generated: list[int] = []
         stream = None
         finished = False
+        finish_reason = "length"
         try:
+            assert self._grounding is not None
             prompt_ids = self._encode(request.prompt)
             room = self._max_len - len(prompt_ids) - len(self._suffix_ids) - self._depth
             budget = max(0, min(max_reasoning_tokens, room))
             if budget > 0:
+                spec = self._grounding.spec(self._grounding.history(request.prompt), budget)
                 params = SamplingParams(
                     max_tokens=budget, temperature=self.temperature, seed=self.seed if self.temperature else None,
-                    stop_token_ids=[self._think_end], allowed_token_ids=self._reasoning_allowed,
+                    stop_token_ids=[self._think_end], extra_args={CHAIN_ARG: spec.to_dict()},
                     output_kind=RequestOutputKind.DELTA, skip_special_tokens=True)
                 stream = llm.generate(tokens_input(prompt_ids), params, request_id=vllm_id)
                 async for out in stream:
@@ -338,6 +349,7 @@ class VLLMEngine(Engine):
             finished = True
             if generated and generated[-1] == self._think_end:
                 generated.pop()
+                finish_reason = "end_of_thinking"
             self.counters["reasoning_tokens"] += len(generated)
             filt = self.bundle.trie.make_filter(exclude=request.exclude, allow=request.allow)
             width = beam_widths([request.k], [request.num_beams], self.default_beams)[0]
@@ -345,7 +357,7 @@ class VLLMEngine(Engine):
                                 request.allow)
             items = await self._topk(request.request_id, prompt_ids + generated + self._suffix_ids,
                                      request.k, width, filt, bias)
-            yield ReasoningDone(items=items, reasoning_tokens=len(generated))
+            yield ReasoningDone(items=items, reasoning_tokens=len(generated), finish_reason=finish_reason)
         except (GeneratorExit, asyncio.CancelledError):
             # The consumer went away (client disconnect): stop the generation in the engine now.
             self.counters["reasoning_cancelled"] += 1

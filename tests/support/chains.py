@@ -4,6 +4,7 @@ sections) and its finish reason counted."""
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,20 +31,30 @@ class ChainReport:
         return self.closed / max(1, self.chains)
 
 
-async def sample_chains(engine: Any, bundle: Any, n: int = 40, budget: int = 200, seed: int = 0) -> ChainReport:
+async def sample_chains(engine: Any, bundle: Any, n: int = 40, budget: int = 200, seed: int = 0,
+                        concurrency: int = 4) -> ChainReport:
+    """`n` chains, `concurrency` at a time (within the engines' default reasoning limit)."""
     index = GroundingIndex(bundle)
     rng = np.random.default_rng(seed)
-    report = ChainReport()
-    for r in range(n):
-        history = [int(i) for i in rng.choice(len(bundle.items), int(rng.integers(3, 9)), replace=False)]
+    histories = [[int(i) for i in rng.choice(len(bundle.items), int(rng.integers(3, 9)), replace=False)]
+                 for _ in range(n)]
+    gate = asyncio.Semaphore(concurrency)
+
+    async def one(r: int, history: list[int]) -> tuple[str, ReasoningDone]:
         request = EngineRequest(f"chain-{seed}-{r}", reasoning_prompt([bundle.spelled_id(i) for i in history]), k=5)
         text, done = "", None
-        async for event in engine.reason(request, budget):
-            if isinstance(event, ReasoningDelta):
-                text += event.text
-            elif isinstance(event, ReasoningDone):
-                done = event
+        async with gate:
+            async for event in engine.reason(request, budget):
+                if isinstance(event, ReasoningDelta):
+                    text += event.text
+                elif isinstance(event, ReasoningDone):
+                    done = event
         assert done is not None
+        return text, done
+
+    report = ChainReport()
+    results = await asyncio.gather(*(one(r, h) for r, h in enumerate(histories)))
+    for history, (text, done) in zip(histories, results, strict=True):
         problems = validate_chain(text, index.names_of(history), index.names_of([i.index for i in done.items]),
                                   catalog=index)
         report.chains += 1
