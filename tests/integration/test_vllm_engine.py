@@ -52,9 +52,9 @@ async def engine(bundle: Any) -> AsyncIterator[Any]:
 def hf(bundle: Any) -> Any:
     from transformers import AutoTokenizer
 
+    from model_store.model import load_bundle_model
     from model_store.tokens import id_token_ids
     from service.engine.hf_decoder import HFTrieDecoder
-    from model_store.model import load_bundle_model
 
     tok = AutoTokenizer.from_pretrained(str(bundle.tokenizer_path), local_files_only=True)
     return HFTrieDecoder(load_bundle_model(bundle.model_path), tok, bundle.trie,
