@@ -91,6 +91,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
         metrics[PRIOR_ALONE] = ranking_metrics(prior_rankings(bundle, bundle.prior, rows), [r.target for r in rows])
     metrics.update(baseline_rows(base_train, rows, 10, valid=data.valid, sasrec=not args.no_sasrec))
     print(format_table({n: {k: v for k, v in m.items() if "@" in k} for n, m in metrics.items()}))
+    for name, m in metrics.items():
+        if "grounded_share" in m:  # reasoning mode: how faithful and well-formed the chains were
+            print(f"{name}: grounded {m['grounded_share']:.3f}, closed within budget "
+                  f"{m['closed_within_budget_share']:.3f}, repeated 4-gram rate {m['repeated_4gram_rate']:.4f}, "
+                  f"mean reasoning tokens {m['mean_reasoning_tokens']:.1f}, time to first token "
+                  f"{m['time_to_first_token_ms']:.0f} ms (batched)")
     report = {"bundle": bundle.version if bundle else None, "split": args.split, "rows": len(rows), "beams": args.beams, "modes": modes,
               "metrics": metrics, "eval_seconds": timings,
               "training_timings": bundle.manifest.get("stats", {}).get("training", {}).get("timings") if bundle else None}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -12,6 +13,7 @@ from tqdm.auto import tqdm
 
 from model_store import tokens
 from model_store.bundle import Bundle
+from model_store.grounding import GroundingIndex, repeated_ngram_rate, validate_chain
 from model_store.prior import TransitionPrior
 from training.data import EvalRow
 from training.tasks import spell_history
@@ -78,29 +80,62 @@ def model_rankings(decoder: Any, bundle: Bundle, rows: Sequence[EvalRow], k: int
 def reasoning_rankings(model: Any, tokenizer: Any, decoder: Any, bundle: Bundle, rows: Sequence[EvalRow],
                        k: int = 10, beams: int = 20, max_new_tokens: int = 96, batch_size: int = 16,
                        max_history: int | None = None, desc: str = "eval reasoning",
-                       priors: Sequence[Any] = (None,)) -> tuple[list[list[list[str]]], float]:
-    """Reasoning mode: greedy reasoning after THINK_START, then THINK_END ANSWER and the constrained
-    top-k IDs (the same beam search and scoring as direct mode). The reasoning is generated once and
-    the answer decoded once per entry of `priors` (None: the model alone). Returns one list of
-    rankings per prior and the share of rows whose reasoning was closed by THINK_END (format rate)."""
+                       priors: Sequence[Any] = (None,)) -> tuple[list[list[list[str]]], dict[str, float]]:
+    """Reasoning mode as the service runs it: greedy reasoning after THINK_START under the chain
+    automaton (model_store.chain_automaton), then THINK_END ANSWER and the constrained top-k IDs (the
+    same beam search and scoring as direct mode). The reasoning is generated once and the answer
+    decoded once per entry of `priors` (None: the model alone). Returns one list of rankings per
+    prior and the chains' figures (`chain_figures`)."""
+    from training.grounded_generation import GroundedChains, grounding_for
     from training.srpo import generate_reasoning
 
     max_history = max_history or bundle.prompt_history or 10
     suffix = tokenizer(tokens.reasoning_answer_suffix(), add_special_tokens=False)["input_ids"]
+    grounding = grounding_for(model, tokenizer, GroundingIndex(bundle))
     ranked: list[list[list[str]]] = [[] for _ in priors]
-    closed_total = 0
+    chains: list[ChainFigures] = []
+    first_token: list[float] = []
     for start in tqdm(range(0, len(rows), batch_size), desc=desc, unit="batch"):
         chunk = rows[start: start + batch_size]
-        prompts = [tokens.reasoning_prompt(spell_history(bundle, r.history[-max_history:])) for r in chunk]
+        histories = [[bundle.index_of[i] for i in r.history[-max_history:] if i in bundle.index_of] for r in chunk]
+        prompts = [tokens.reasoning_prompt([bundle.spelled_id(i) for i in h]) for h in histories]
         prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
-        reasoning, closed = generate_reasoning(model, tokenizer, prompt_ids, max_new_tokens)
-        closed_total += sum(closed)
+        names = [grounding.index.names_of(h) for h in histories]
+        constraint = GroundedChains(grounding, names, max(len(p) for p in prompt_ids), max_new_tokens)
+        reasoning, closed = generate_reasoning(model, tokenizer, prompt_ids, max_new_tokens,
+                                               logits_processor=constraint)
+        first_token.append(constraint.first_token_s or 0.0)
         ids = [p + r + suffix for p, r in zip(prompt_ids, reasoning, strict=True)]
-        for out, prior in zip(ranked, priors, strict=True):
+        for n, (out, prior) in enumerate(zip(ranked, priors, strict=True)):
             results = decoder.topk([""] * len(ids), [k] * len(ids), [beams] * len(ids), prompt_ids=ids,
                                    biases=prior_biases(bundle, prior, chunk))
             out += [[bundle.items[s.index].item_id for s in res] for res in results]
-    return ranked, closed_total / max(1, len(rows))
+            if n == 0:
+                for body, ok, hist, res in zip(reasoning, closed, names, results, strict=True):
+                    text = tokenizer.decode(body, skip_special_tokens=False)
+                    returned = grounding.index.names_of([s.index for s in res])
+                    chains.append(ChainFigures(not validate_chain(text, hist, returned, grounding.index), ok,
+                                               repeated_ngram_rate(text), len(body)))
+    return ranked, chain_figures(chains, first_token)
+
+
+@dataclass(frozen=True)
+class ChainFigures:
+    grounded: bool  # passes model_store.grounding.validate_chain (history or returned items only)
+    closed: bool  # ended by THINK_END within the budget
+    repeated_ngram_rate: float
+    tokens: int
+
+
+def chain_figures(chains: Sequence[ChainFigures], first_token_s: Sequence[float]) -> dict[str, float]:
+    n = max(1, len(chains))
+    return {"grounded_share": sum(c.grounded for c in chains) / n,
+            "closed_within_budget_share": sum(c.closed for c in chains) / n,
+            "format_rate": sum(c.closed for c in chains) / n,
+            "repeated_4gram_rate": sum(c.repeated_ngram_rate for c in chains) / n,
+            "mean_reasoning_tokens": sum(c.tokens for c in chains) / n,
+            # Batched generation: the time from a batch's start to its first token (prefill included).
+            "time_to_first_token_ms": 1000 * sum(first_token_s) / max(1, len(first_token_s))}
 
 
 def evaluate_modes(model: Any, tokenizer: Any, bundle: Bundle, rows: Sequence[EvalRow], modes: Sequence[str],
@@ -124,11 +159,11 @@ def evaluate_modes(model: Any, tokenizer: Any, bundle: Bundle, rows: Sequence[Ev
             out[f"{name} (direct)"] = ranking_metrics(ranked, [r.target for r in rows])
     if "reasoning" in modes:
         sub = list(rows[:reasoning_rows]) if reasoning_rows else list(rows)
-        rankings, fmt = reasoning_rankings(model, tokenizer, decoder, bundle, sub, k=k, beams=beams,
+        rankings, figures = reasoning_rankings(model, tokenizer, decoder, bundle, sub, k=k, beams=beams,
                                            max_new_tokens=reasoning_tokens, desc=f"eval {label} reasoning",
                                            priors=[p for _, p in variants], max_history=max_history)
         for (name, _), ranked in zip(variants, rankings, strict=True):
-            out[f"{name} (reasoning)"] = {**ranking_metrics(ranked, [r.target for r in sub]), "format_rate": fmt,
+            out[f"{name} (reasoning)"] = {**ranking_metrics(ranked, [r.target for r in sub]), **figures,
                                           "rows": len(sub)}
     return out
 

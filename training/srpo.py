@@ -192,10 +192,17 @@ class ConstrainedSampler:
 
 
 @torch.no_grad()
+def _processors(logits_processor: Any) -> dict[str, Any]:
+    from transformers import LogitsProcessorList
+
+    return {"logits_processor": LogitsProcessorList([logits_processor])} if logits_processor is not None else {}
+
+
 def generate_reasoning(model: Any, tokenizer: Any, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int,
-                       sample: bool = False, group: int = 1, temperature: float = 1.0
-                       ) -> tuple[list[list[int]], list[bool]]:
-    """Reasoning token ids per (prompt, sample), THINK_END excluded, and whether it was closed."""
+                       sample: bool = False, group: int = 1, temperature: float = 1.0,
+                       logits_processor: Any = None) -> tuple[list[list[int]], list[bool]]:
+    """Reasoning token ids per (prompt, sample), THINK_END excluded, and whether it was closed.
+    `logits_processor` (e.g. training.grounded_generation.GroundedChains) masks each step."""
     think_end = tokenizer.convert_tokens_to_ids(tokens.THINK_END)
     stop = [think_end, tokenizer.eos_token_id]
     answer = tokenizer.convert_tokens_to_ids(tokens.ANSWER)
@@ -206,7 +213,8 @@ def generate_reasoning(model: Any, tokenizer: Any, prompt_ids: Sequence[Sequence
     kwargs = {"do_sample": True, "temperature": temperature, "top_k": 0} if sample else {"do_sample": False}
     out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
                          eos_token_id=stop, pad_token_id=tokenizer.pad_token_id, num_return_sequences=group,
-                         suppress_tokens=[answer], **kwargs)
+                         suppress_tokens=[answer], **kwargs,
+                         **_processors(logits_processor))
     model.train(was_training)
     reasoning, closed = [], []
     for row in out[:, ids.shape[1]:].tolist():
