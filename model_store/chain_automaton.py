@@ -8,7 +8,8 @@ processor), so a chain is faithful by construction, not by luck:
   the rewrite section, so it always closes within the budget when the budget holds the labels;
 - grounding: outside a mention, free text may not contain markers, item IDs, special tokens or a
   word that starts a catalog brand or theme; a token ending with MENTION_OPEN switches to a token
-  trie over the history's titles, brands and themes (each closed by MENTION_CLOSE), so a mention can
+  trie over the history's titles, brands and themes (each closed by a token starting with
+  MENTION_CLOSE, such as "]" or "];", as the curriculum's text tokenizes), so a mention can
   only name what the history supports, each name at most `max_mentions` times;
 - the rewrite section lists history items as a subsequence of the history, by their ID tokens;
 - no token 4-gram of free text comes a third time and no token three times in a row (no loops).
@@ -44,6 +45,7 @@ class ChainVocab:
     newline: int
     free: np.ndarray  # bool: allowed in free text outside a mention
     opener: np.ndarray  # bool: ends with MENTION_OPEN (starts a mention)
+    closer: np.ndarray  # bool: starts with MENTION_CLOSE, then only punctuation or space (ends one)
     line_end: np.ndarray  # bool: ends with exactly one newline (ends a section)
     word_start: np.ndarray  # bool: starts with whitespace and has text (starts a new word)
     headers: list[list[int]]  # token ids of each section's label, in stage order
@@ -60,6 +62,7 @@ class ChainVocab:
         texts = tokenizer.batch_decode([[i] for i in range(n)], skip_special_tokens=False)
         free = np.zeros(vocab_size, dtype=bool)
         opener = np.zeros(vocab_size, dtype=bool)
+        closer = np.zeros(vocab_size, dtype=bool)
         line_end = np.zeros(vocab_size, dtype=bool)
         word_start = np.zeros(vocab_size, dtype=bool)
         markers = (tokens.MENTION_OPEN, tokens.MENTION_CLOSE)
@@ -73,9 +76,12 @@ class ChainVocab:
                 continue
             word_start[i] = text[0].isspace() and bool(text.strip())
             if any(m in text for m in markers) or "\n" in text:
-                if (text.endswith(tokens.MENTION_OPEN) and text.count(tokens.MENTION_OPEN) == 1
-                        and tokens.MENTION_CLOSE not in text and "\n" not in text):
+                if "\n" in text or text.count(tokens.MENTION_OPEN) + text.count(tokens.MENTION_CLOSE) > 1:
+                    pass
+                elif text.endswith(tokens.MENTION_OPEN) and not any(c.isalnum() for c in text):
                     opener[i] = True
+                elif text.startswith(tokens.MENTION_CLOSE) and not any(c.isalnum() for c in text):
+                    closer[i] = True
                 elif text.endswith("\n") and text.count("\n") == 1 and not any(m in text for m in markers):
                     line_end[i] = True
                 continue
@@ -91,11 +97,12 @@ class ChainVocab:
         headers = [encode(label) for label in labels[:-1]] + [encode(labels[-1] + " ")]
         newline = encode(tokens.SECTION_SEPARATOR)[-1]
         line_end[newline] = True
-        return cls(think_end, int(newline), free, opener, line_end, word_start, headers)
+        return cls(think_end, int(newline), free, opener, closer, line_end, word_start, headers)
 
     def save(self, path: str | Path) -> None:
         flat = [t for h in self.headers for t in h]
         np.savez(path, think_end=self.think_end, newline=self.newline, free=self.free, opener=self.opener,
+                 closer=self.closer,
                  line_end=self.line_end, word_start=self.word_start, header_tokens=np.asarray(flat, dtype=np.int64),
                  header_lengths=np.asarray([len(h) for h in self.headers], dtype=np.int64))
 
@@ -104,7 +111,8 @@ class ChainVocab:
         data = np.load(path)
         flat, lengths = data["header_tokens"].tolist(), data["header_lengths"].tolist()
         starts = np.cumsum([0, *lengths]).tolist()
-        return cls(int(data["think_end"]), int(data["newline"]), data["free"], data["opener"], data["line_end"],
+        return cls(int(data["think_end"]), int(data["newline"]), data["free"], data["opener"], data["closer"],
+                   data["line_end"],
                    data["word_start"], [flat[starts[k]:starts[k + 1]] for k in range(len(lengths))])
 
 
@@ -112,7 +120,7 @@ class ChainVocab:
 class ChainSpec:
     """One request's constraint: its names' token keys, its history's ID tokens, its budget."""
 
-    mention_keys: list[list[int]]  # tokens of `name + MENTION_CLOSE`, one per distinct name
+    mention_keys: list[list[int]]  # tokens of each distinct name (without the markers)
     history_ids: list[list[int]]  # ID tokens of each history item, oldest first
     budget: int
 
@@ -129,7 +137,7 @@ class ChainSpec:
            id_tokens: Callable[[str], list[int]], budget: int) -> ChainSpec:
         """`encode`: text -> token ids; `id_tokens`: spelled ID -> its token ids."""
         names = list(dict.fromkeys(n for it in history for n in it.names()))
-        return cls([encode(n + tokens.MENTION_CLOSE) for n in names], [id_tokens(it.spelled_id) for it in history],
+        return cls([encode(n) for n in names], [id_tokens(it.spelled_id) for it in history],
                    budget)
 
 
@@ -204,6 +212,9 @@ class ChainAutomaton:
             for t, child in self.trie.children[self.node].items():
                 if self._can_mention(child):
                     mask[t] = True
+            key = self.trie.complete.get(self.node)
+            if key is not None and self.used[key] < self.max_mentions:
+                mask |= v.closer
             return mask
         if self.phase == "ids":
             mask = np.zeros(v.size, dtype=bool)
@@ -221,7 +232,8 @@ class ChainAutomaton:
         words_needed = MIN_SECTION_WORDS - self.body_words
         if words_needed <= 0:
             mask |= v.line_end
-        if left >= self.trie.longest + 2 and self._can_mention(0):
+        # The opener, the longest name, its closer and the section's newline must fit.
+        if left >= self.trie.longest + 3 and self._can_mention(0):
             mask |= v.opener
         if 0 < words_needed >= left - 1:
             mask &= v.word_start  # the section's last tokens must still make its words
@@ -246,11 +258,11 @@ class ChainAutomaton:
                 self._start_body()
         elif self.phase == "mention":
             self.body_len += 1
-            self.node = self.trie.children[self.node][token]
-            key = self.trie.complete.get(self.node)
-            if key is not None:
-                self.used[key] += 1
+            if v.closer[token]:
+                self.used[self.trie.complete[self.node]] += 1
                 self.phase = "body"
+            else:
+                self.node = self.trie.children[self.node][token]
         elif self.phase == "ids":
             self._advance_ids(token)
         elif self.phase == "body":
