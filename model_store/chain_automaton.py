@@ -3,9 +3,10 @@
 Both engines run this same automaton (the transformers engine in its decoding loop, vLLM in a logits
 processor), so a chain is faithful by construction, not by luck:
 
-- structure: the five section labels are forced in their fixed order; a section ends at a newline,
-  or is closed by force when its share of the budget is spent; the chain ends with THINK_END after
-  the rewrite section, so it always closes within the budget when the budget holds the labels;
+- structure: the five section labels are forced in their fixed order (free text may not spell a
+  label); a section ends at a newline, or is closed by force when the rest of the chain would no
+  longer fit; the chain ends with THINK_END after the rewrite section, so it always closes within
+  the budget when the budget holds the labels;
 - grounding: outside a mention, free text may not contain markers, item IDs, special tokens or a
   word that starts a catalog brand or theme; a token ending with MENTION_OPEN switches to a token
   trie over the history's titles, brands and themes (each closed by a token starting with
@@ -71,6 +72,7 @@ class ChainVocab:
         # (and their starts) stay free whatever the catalog's names.
         template = {w[:k] for w in tokens.TEMPLATE_WORDS for k in range(1, len(w) + 1)}
         name_starts = {w[:k] for w in name_words for k in range(3, len(w) + 1)} - template
+        label_words = {label.split()[0].rstrip(":").lower() for label in tokens.REASONING_LABELS.values()}
         for i, text in enumerate(texts):
             if i in banned or i == think_end or not text:
                 continue
@@ -85,7 +87,7 @@ class ChainVocab:
                 elif text.endswith("\n") and text.count("\n") == 1 and not any(m in text for m in markers):
                     line_end[i] = True
                 continue
-            if text.strip().lower() in name_starts:
+            if text.strip().lower() in name_starts or text.strip().rstrip(":").lower() in label_words:
                 continue
             free[i] = True
 
@@ -181,11 +183,15 @@ class ChainAutomaton:
         self.ids_listed = 0
         self.generated: list[int] = []
         self._seen: dict[tuple[int, ...], dict[int, int]] = defaultdict(dict)
-        n_sections = len(vocab.headers)
+        # What must still fit after free section s: its newline, each later free section's label,
+        # shortest body and newline, the rewrite label, one ID and THINK_END itself (vLLM counts it).
+        # A section may run on while the rest still fits, up to half the budget.
+        headers = vocab.headers
         depth = len(spec.history_ids[0]) if spec.history_ids else 0
-        # Labels, the newlines between sections, one ID and THINK_END itself (vLLM counts it).
-        fixed = sum(len(h) for h in vocab.headers) + (n_sections - 1) + depth + 1
-        self.cap = max(MIN_SECTION_WORDS + 2, (spec.budget - fixed) // max(1, n_sections - 1))
+        tail = len(headers[-1]) + depth + 1
+        self.reserve = [1 + sum(len(h) + MIN_SECTION_WORDS + 1 for h in headers[s + 1:-1]) + tail
+                        for s in range(len(headers) - 1)]
+        self.section_max = max(MIN_SECTION_WORDS + 2, spec.budget // 2)
 
     @property
     def ended(self) -> bool:
@@ -225,7 +231,9 @@ class ChainAutomaton:
             if not self.partial and self.ids_listed:
                 mask[v.think_end] = True
             return mask
-        left = self.cap - self.body_len
+        # Tokens this section may still use, its newline included.
+        left = min(self.section_max - self.body_len,
+                   self.spec.budget - len(self.generated) - self.reserve[self.section] + 1)
         if left <= 1:
             return self._only(v.newline)
         mask = v.free.copy()
