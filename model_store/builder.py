@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +82,14 @@ def build_bundle(items: Sequence[Item] | str | Path, out: str | Path, cfg: Build
     log(f"residual k-means: {cfg.quantizer.levels} levels x {cfg.quantizer.codebook_size} codes")
     sem = build_semantic_ids(vectors, cfg.quantizer)
     timings["quantize_s"] = time.perf_counter() - t
+    assert sem.id_format is not None
+    if sem.id_format.dedup_size != cfg.quantizer.dedup_size:
+        if tokenizer is not None:
+            raise BundleError(f"the catalog needs a de-duplication level of {sem.id_format.dedup_size} codes, "
+                              f"more than the given tokenizer's {cfg.quantizer.dedup_size}")
+        log(f"de-duplication level sized to {sem.id_format.dedup_size} codes (up to "
+            f"{sem.stats['max_dedup_depth']} items share a base ID; {cfg.quantizer.dedup_size} were asked for)")
+        cfg = replace(cfg, quantizer=replace(cfg.quantizer, dedup_size=sem.id_format.dedup_size))
     if popularity is None and interactions is not None:
         popularity = read_interaction_counts(interactions, {it.item_id: i for i, it in enumerate(items)})
     t = time.perf_counter()

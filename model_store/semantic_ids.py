@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +38,7 @@ class SemanticIds:
     codes: np.ndarray  # int32 [num_items, levels + 1]; last column is the de-duplication code
     codebooks: np.ndarray  # float32 [levels, codebook_size, dim]; unused rows are NaN
     stats: dict = field(default_factory=dict)
+    id_format: IdFormat | None = None  # the format the codes use (its de-duplication level sized to the catalog)
 
 
 # ------------------------------------------------------------------------------------------ embedding
@@ -212,10 +213,22 @@ def id_stats(codes: np.ndarray, id_format: IdFormat) -> dict:
     }
 
 
+def dedup_size_for(base: np.ndarray, requested: int) -> int:
+    """The de-duplication level's size: as requested, or, when more items share one base ID than that,
+    the next power of two with room for as many again (so `add_items` still fits later items)."""
+    _, counts = np.unique(base, axis=0, return_counts=True)
+    need = int(counts.max()) if len(counts) else 1
+    return requested if need <= requested else 1 << (2 * need - 1).bit_length()
+
+
 def build_semantic_ids(vectors: np.ndarray, cfg: QuantizerConfig) -> SemanticIds:
+    """Codes for every item. The de-duplication level grows beyond `cfg.dedup_size` when the catalog
+    needs it (the result's `id_format` says by how much), instead of failing on a crowded prefix."""
     codebooks, base = fit_codebooks(vectors, cfg)
-    codes = add_dedup_level(base, cfg.dedup_size).astype(np.int32)
-    return SemanticIds(codes=codes, codebooks=codebooks, stats=id_stats(codes, cfg.id_format))
+    sized = replace(cfg, dedup_size=dedup_size_for(base, cfg.dedup_size))
+    codes = add_dedup_level(base, sized.dedup_size).astype(np.int32)
+    return SemanticIds(codes=codes, codebooks=codebooks, stats=id_stats(codes, sized.id_format),
+                       id_format=sized.id_format)
 
 
 def assign_new_items(vectors: np.ndarray, codebooks: np.ndarray, existing: np.ndarray,

@@ -97,11 +97,19 @@ def test_dedup_overflow_error_message() -> None:
         add_dedup_level(np.array([[3, 4]]), dedup_size=1, existing=np.array([[3, 4, 0]]))
 
 
-def test_build_reports_dedup_overflow() -> None:
-    x = np.repeat(clustered(3), 5, axis=0)  # 5 copies of each of 3 points
-    with pytest.raises(ValueError, match="5 items share"):
-        build_semantic_ids(x, QuantizerConfig(levels=2, codebook_size=4, dedup_size=4, kmeans_n_init=1,
-                                              balanced=False))
+def test_build_sizes_the_dedup_level_to_a_crowded_catalog() -> None:
+    x = np.repeat(clustered(3), 5, axis=0)  # 5 copies of each of 3 points: 5 items share a base ID
+    sem = build_semantic_ids(x, QuantizerConfig(levels=2, codebook_size=4, dedup_size=4, kmeans_n_init=1,
+                                                balanced=False))
+    assert sem.id_format is not None and sem.id_format.dedup_size == 16  # room for as many again
+    assert unique_rows(sem.codes) == len(x) and sem.codes[:, -1].max() < 16
+    assert sem.stats["dedup_size"] == 16
+
+
+def test_a_catalog_that_fits_keeps_the_requested_dedup_size() -> None:
+    sem = build_semantic_ids(clustered(3), QuantizerConfig(levels=2, codebook_size=4, dedup_size=4,
+                                                           kmeans_n_init=1, balanced=False))
+    assert sem.id_format is not None and sem.id_format.dedup_size == 4
 
 
 def test_assign_codes_with_fixed_codebooks() -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from model_store.bundle import Bundle, load_bundle
+from model_store.semantic_ids import QuantizerConfig
 from training.config import PriorSection, RecipeConfig
 from training.data import EvalRow
 
@@ -39,17 +40,23 @@ def prepare(data_dir: Path, items_path: Path, cfg: RecipeConfig, train: dict[str
     return Prepared(ids_bundle, prior, tokenizer, model)
 
 
+def quantizer_config(cfg: RecipeConfig) -> QuantizerConfig:
+    """The semantic-ID quantizer a recipe asks for (the builder grows its de-duplication level when a
+    catalog crowds more items onto one base ID)."""
+    ids = cfg.ids
+    return QuantizerConfig(levels=ids.levels, codebook_size=ids.codebook_size,
+                           dedup_size=ids.dedup_size if ids.dedup_size is not None else ids.codebook_size,
+                           seed=cfg.seed, balanced=ids.balanced)
+
+
 def prepare_ids(data_dir: Path, items_path: Path, cfg: RecipeConfig, workdir: Path, log: Callable[[str], None]
                 ) -> Bundle:
     """Semantic IDs for the catalog (a bundle without model in `workdir`)."""
     from model_store.builder import BuildConfig, build_bundle
-    from model_store.semantic_ids import DEFAULT_EMBEDDER, QuantizerConfig
+    from model_store.semantic_ids import DEFAULT_EMBEDDER
 
     ids = cfg.ids
-    q = QuantizerConfig(levels=ids.levels, codebook_size=ids.codebook_size,
-                        dedup_size=ids.dedup_size if ids.dedup_size is not None else ids.codebook_size,
-                        seed=cfg.seed, balanced=ids.balanced)
-    build = BuildConfig(quantizer=q, embedder=ids.embedder or DEFAULT_EMBEDDER,
+    build = BuildConfig(quantizer=quantizer_config(cfg), embedder=ids.embedder or DEFAULT_EMBEDDER,
                         tokenizer=cfg.backbone.tokenizer or cfg.backbone.pretrained,
                         tokenizer_vocab_size=cfg.tokenizer.vocab_size)
     build_bundle(items_path, workdir / "ids", build, interactions=data_dir / "train.jsonl", overwrite=True, log=log)
