@@ -89,6 +89,8 @@ class ChainVocab:
                 continue
             if text.strip().lower() in name_starts or text.strip().rstrip(":").lower() in label_words:
                 continue
+            if not text.replace(" ", "").isprintable():
+                continue  # control characters (\r, \t, ...) would split words the bounds cannot see
             free[i] = True
 
         def encode(text: str) -> list[int]:
