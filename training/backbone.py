@@ -4,15 +4,11 @@ embeddings sized to the ID-extended tokenizer, LoRA optional. Nothing is downloa
 from __future__ import annotations
 
 import copy
-import dataclasses
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
-
-if TYPE_CHECKING:
-    from training.config import BackboneSection
 
 
 @dataclass(frozen=True)
@@ -66,34 +62,6 @@ def load_pretrained_model(path: str | Path, tokenizer: Any, dtype: torch.dtype =
         # mean_resizing initialises new rows at the mean embedding: a better start than noise.
         model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
     return model
-
-
-def build_backbone(section: BackboneSection, tokenizer: Any, seed: int) -> Any:
-    """The recipe's model: a local pretrained LM when `pretrained` is set, else one from scratch;
-    wrapped with LoRA adapters when `lora` is set."""
-    if section.pretrained:
-        model = load_pretrained_model(section.pretrained, tokenizer, dtype=getattr(torch, section.dtype))
-        if section.gradient_checkpointing:
-            model.gradient_checkpointing_enable()
-    else:
-        scratch = section.scratch
-        shape = SCRATCH_PRESETS[scratch] if isinstance(scratch, str) else ScratchConfig(**scratch.model_dump())
-        model = build_scratch_model(dataclasses.replace(shape, seed=seed), tokenizer)
-    lora = section.lora
-    if lora is None:
-        return model
-    # New ID tokens need trained embeddings: the embedding and output layers are trained in full.
-    from peft import LoraConfig, get_peft_model
-
-    tied = bool(getattr(model.config, "tie_word_embeddings", False))
-    extra = {"ensure_weight_tying": True} if tied and "ensure_weight_tying" in {
-        f.name for f in dataclasses.fields(LoraConfig)} else {}
-    modules_to_save = lora.modules_to_save
-    if modules_to_save is None:
-        modules_to_save = ["embed_tokens"] if tied else ["embed_tokens", "lm_head"]
-    return get_peft_model(model, LoraConfig(
-        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=list(lora.target_modules),
-        modules_to_save=list(modules_to_save), task_type="CAUSAL_LM", **extra))
 
 
 def plain_model(model: Any) -> Any:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -10,7 +11,7 @@ from typing import Any, NamedTuple
 
 from model_store.bundle import Bundle, load_bundle
 from model_store.semantic_ids import QuantizerConfig
-from training.config import PriorSection, RecipeConfig
+from training.config import BackboneSection, PriorSection, RecipeConfig
 from training.data import EvalRow
 
 
@@ -25,7 +26,6 @@ def prepare(data_dir: Path, items_path: Path, cfg: RecipeConfig, train: dict[str
             valid: Sequence[EvalRow], stages: Sequence[str], workdir: Path, accelerator: Any,
             log: Callable[[str], None]) -> Prepared:
     """Everything the stages train: IDs in `workdir`, the prior, the tokenizer and the model."""
-    from training.backbone import build_backbone
 
     log(f"[prepare] semantic IDs for {items_path}")
     ids_bundle = prepare_ids(data_dir, items_path, cfg, workdir, log)
@@ -114,3 +114,37 @@ def make_accelerator() -> Any:
     except ImportError:
         return None
     return Accelerator()
+
+
+def build_backbone(section: BackboneSection, tokenizer: Any, seed: int) -> Any:
+    """The recipe's model: a local pretrained LM when `pretrained` is set, else one from scratch;
+    wrapped with LoRA adapters when `lora` is set."""
+    if section.pretrained:
+        import torch
+
+        from training.backbone import load_pretrained_model
+
+        model = load_pretrained_model(section.pretrained, tokenizer, dtype=getattr(torch, section.dtype))
+        if section.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+    else:
+        from training.backbone import SCRATCH_PRESETS, ScratchConfig, build_scratch_model
+
+        scratch = section.scratch
+        shape = SCRATCH_PRESETS[scratch] if isinstance(scratch, str) else ScratchConfig(**scratch.model_dump())
+        model = build_scratch_model(dataclasses.replace(shape, seed=seed), tokenizer)
+    lora = section.lora
+    if lora is None:
+        return model
+    # New ID tokens need trained embeddings: the embedding and output layers are trained in full.
+    from peft import LoraConfig, get_peft_model
+
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    extra = {"ensure_weight_tying": True} if tied and "ensure_weight_tying" in {
+        f.name for f in dataclasses.fields(LoraConfig)} else {}
+    modules_to_save = lora.modules_to_save
+    if modules_to_save is None:
+        modules_to_save = ["embed_tokens"] if tied else ["embed_tokens", "lm_head"]
+    return get_peft_model(model, LoraConfig(
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=list(lora.target_modules),
+        modules_to_save=list(modules_to_save), task_type="CAUSAL_LM", **extra))
