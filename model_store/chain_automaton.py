@@ -71,7 +71,7 @@ class ChainVocab:
         # A token that could start spelling a name outside a mention is not free text; template words
         # (and their starts) stay free whatever the catalog's names.
         template = {w[:k] for w in tokens.TEMPLATE_WORDS for k in range(1, len(w) + 1)}
-        name_starts = {w[:k] for w in name_words for k in range(3, len(w) + 1)} - template
+        name_starts = {w[:k] for w in name_words for k in range(min(3, len(w)), len(w) + 1)} - template
         label_words = {label.split()[0].rstrip(":").lower() for label in tokens.REASONING_LABELS.values()}
         for i, text in enumerate(texts):
             if i in banned or i == think_end or not text:
@@ -89,8 +89,11 @@ class ChainVocab:
                 continue
             if text.strip().lower() in name_starts or text.strip().rstrip(":").lower() in label_words:
                 continue
-            if not text.replace(" ", "").isprintable():
-                continue  # control characters (\r, \t, ...) would split words the bounds cannot see
+            if not text.replace(" ", "").isprintable() or "\ufffd" in text:
+                # Control characters (\r, \t, ...) split words where the repetition bounds cannot see
+                # it, and byte pieces of a character all read as U+FFFD; template text needs neither
+                # (a name's own characters come through its mention).
+                continue
             free[i] = True
 
         def encode(text: str) -> list[int]:

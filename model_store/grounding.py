@@ -83,7 +83,7 @@ class GroundingIndex:
         for it in self.items:
             for name in (it.brand, it.theme):
                 first = _key(name).split()[:1]
-                if first and len(first[0]) >= 3 and first[0] not in tokens.TEMPLATE_WORDS:
+                if first and len(first[0]) >= 2 and first[0] not in tokens.TEMPLATE_WORDS:
                     words.add(first[0])
         return frozenset(words)
 
