@@ -303,6 +303,13 @@ def train_srpo(model: Any, ref_model: Any, tokenizer: Any, bundle: Bundle, rows:
     policy = accelerator.unwrap_model(model) if accelerator is not None else model
     sampler = ConstrainedSampler(policy, bundle.trie, code_token_ids, pad)
     suffix = tokenizer(tokens.reasoning_answer_suffix(), add_special_tokens=False)["input_ids"]
+    grounding = None
+    if cfg.mode == "reasoning":
+        # Sampled chains follow the serving constraint, so the policy learns from the chains it will stream.
+        from model_store.grounding import GroundingIndex
+        from training.grounded_generation import GroundedChains, grounding_for
+
+        grounding = grounding_for(policy, tokenizer, GroundingIndex(bundle))
     start = time.perf_counter()
     deadline = start + cfg.max_minutes * 60 if cfg.max_minutes else None
     history: list[dict[str, float]] = []
@@ -327,8 +334,12 @@ def train_srpo(model: Any, ref_model: Any, tokenizer: Any, bundle: Bundle, rows:
         else:
             prompts = [tokens.reasoning_prompt(s) for s in spelled]
             prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+            assert grounding is not None
+            names = [grounding.index.history_of_prompt(p) for p in prompts for _ in range(g)]
+            constraint = GroundedChains(grounding, names, max(len(p) for p in prompt_ids), cfg.max_reasoning_tokens)
             reasoning, closed = generate_reasoning(policy, tokenizer, prompt_ids, cfg.max_reasoning_tokens,
-                                                   sample=True, group=g, temperature=cfg.temperature)
+                                                   sample=True, group=g, temperature=cfg.temperature,
+                                                   logits_processor=constraint)
             id_prompts = [prompt_ids[i // g] + reasoning[i] + suffix for i in range(len(reasoning))]
             samples = sampler.sample(id_prompts, 1, cfg.temperature, gen)
             samples.prompt = np.arange(len(prompt_ids)).repeat(g)
