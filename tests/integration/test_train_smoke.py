@@ -38,8 +38,8 @@ def test_train_then_serve_then_eval(tmp_path: Path, capsys: pytest.CaptureFixtur
 
     from model_store import tokens
     from model_store.bundle import load_bundle
-    from service.engine.shared_prefix import make_decoder
     from model_store.model import load_bundle_model
+    from service.engine.shared_prefix import make_decoder
 
     bundle = load_bundle(out)
     stats = bundle.manifest["stats"]["training"]
