@@ -88,6 +88,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="torch threads of every engine (default: torch's choice, all cores); for the "
                              "gateway's transformers engine and its bare twin, threads per worker "
                              "(GREAM_TORCH_THREADS)")
+    parser.add_argument("--vllm-option", action="append", default=[], metavar="FIELD=JSON",
+                        help="a VLLMEngineConfig field for the vllm row (repeatable), e.g. enforce_eager=false")
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
 
@@ -136,7 +138,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows, refs = bench_direct(decoders, prompts, concurrencies, args.rounds)
     if "vllm" in engines:
         try:
-            rows += asyncio.run(bench_vllm(bundle, prompts, args.dtype, concurrencies))
+            options = {key: json.loads(value) for key, value in (kv.split("=", 1) for kv in args.vllm_option)}
+            rows += asyncio.run(bench_vllm(bundle, prompts, args.dtype, concurrencies, options))
         except ImportError as exc:
             print(f"vllm row skipped: {exc}", file=sys.stderr)
     if "gateway" in engines:

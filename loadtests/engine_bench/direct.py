@@ -107,13 +107,16 @@ def bench_direct(decoders: dict[str, SyncDecoder], prompts: Sequence[str], concu
     return rows, refs
 
 
-async def bench_vllm(bundle: Any, prompts: Sequence[str], dtype: str, concurrencies: Sequence[int]) -> list[Row]:
-    """VLLMEngine in this process (AsyncLLM), `c` requests in flight."""
+async def bench_vllm(bundle: Any, prompts: Sequence[str], dtype: str, concurrencies: Sequence[int],
+                     options: dict[str, Any] | None = None) -> list[Row]:
+    """VLLMEngine in this process (AsyncLLM), `c` requests in flight; `options`: more VLLMEngineConfig
+    fields."""
     from service.engine.base import EngineRequest
     from service.engine.config import VLLMEngineConfig
     from service.engine.vllm_engine import VLLMEngine
 
-    engine = VLLMEngine(bundle, VLLMEngineConfig(default_beams=BEAMS, dtype=DTYPES[dtype], queue_max=4096))
+    engine = VLLMEngine(bundle, VLLMEngineConfig(default_beams=BEAMS, dtype=DTYPES[dtype], queue_max=4096,
+                                                 **(options or {})))
     await engine.start()
     rows = []
     try:

@@ -42,7 +42,17 @@ class VLLMEngineConfig(_EngineConfig):
     max_num_batched_tokens: int = Field(8192, ge=1)
     max_model_len: int | None = Field(None, ge=1)
     enable_prefix_caching: bool = True
+    # Prefix-cache hits may end every this many tokens inside a block (service.engine.vllm_prefix), so
+    # a beam request copies its prompt's partial last block instead of recomputing it; None: whole
+    # blocks (also what vLLM on a GPU or another vLLM release gets).
+    prefix_match_unit: int | None = Field(1, ge=1)
+    # How far a beam request goes on below its node (service.engine.vllm_beam): through single-child
+    # nodes only, or along the most likely child.
+    beam_lookahead: Literal["chain", "greedy"] = "chain"
     executor: Literal["uni", "mp"] = "mp"
+    # CUDA builds only (docs/deploy.md, "vLLM on a GPU"); None leaves vLLM's own default.
+    tensor_parallel_size: int = Field(1, ge=1)
+    gpu_memory_utilization: float | None = Field(None, gt=0, le=1)
 
 
 LocalEngineConfig = Annotated[TransformersEngineConfig | VLLMEngineConfig, Field(discriminator="kind")]

@@ -1,23 +1,14 @@
 """vLLM engine: the bundle's model in vLLM's AsyncLLM, in-process, with trie-constrained beam search.
 
-Top-k decoding is a beam search over the item trie run here, one round per ID level, on top of vLLM's
-scheduler and prefix cache (``LLM.beam_search`` is not used: under the default ``raw_logprobs`` mode it
-takes candidates before the mask and silently returns fewer beams, docs/experiments/2026-11-27-vllm-cpu.md):
-
-- round 0 prefills the prompt once (one 1-token request) and asks for the raw log-probabilities of
-  exactly the trie's first-level tokens (``SamplingParams.logprob_token_ids``, <= 128 ids a request;
-  more children are split over several requests);
-- round d submits, for every live beam, one 1-token request ``prompt + beam tokens`` asking for the
-  log-probabilities of that beam's trie children only (minus the request's exclusions / outside its
-  allow-list). vLLM's prefix cache serves the shared prompt, so each beam computes only its last
-  partial block and its own 1-3 tokens; the beams of a request, and of every concurrent request, are
-  scheduled together in the same engine steps;
-- the returned values feed ``TrieBeamSearch.advance``, the bookkeeping every engine shares, so the
-  ranking (summed raw log-probabilities, softmax over the whole vocabulary, ties by token id) is the
-  one of ``HFTrieDecoder`` and the transformers engine.
-
-vLLM computes ``logprob_token_ids`` from the raw log-probabilities (before any logits processor,
-``vllm/v1/sample/sampler.py``), so no renormalisation over the allowed set sneaks in.
+Top-k decoding is a beam search over the item trie on top of vLLM's scheduler and prefix cache
+(``LLM.beam_search`` is not used: under the default ``raw_logprobs`` mode it takes candidates before
+the mask and silently returns fewer beams, docs/experiments/2026-11-27-vllm-cpu.md). It lives in
+service.engine.vllm_beam: one vLLM request per beam prefix whose next-token distribution is needed,
+asking for the raw log-probabilities of exactly that beam's trie children
+(``SamplingParams.logprob_token_ids``) and going on down the trie so that one request serves several
+levels; the values feed ``TrieBeamSearch.advance``, the bookkeeping every engine shares,
+so the ranking (summed raw log-probabilities, softmax over the whole vocabulary, ties by token id) is
+the one of ``HFTrieDecoder`` and the transformers engine.
 
 Reasoning streams text with ``AsyncLLM.generate`` (``RequestOutputKind.DELTA``) under the request's
 chain automaton (model_store.chain_automaton), applied by vLLM's own logits-processor extension point
@@ -46,7 +37,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from model_store.bundle import Bundle, load_bundle
 from model_store.chain_automaton import ChainGrounding
@@ -69,7 +59,7 @@ from service.engine.base import (
     ReasoningDone,
     ScoredItem,
 )
-from service.engine.beam import BeamState, TrieBeamSearch, beam_widths, request_bias, stack_biases
+from service.engine.beam import TrieBeamSearch, beam_widths, request_bias
 from service.engine.config import VLLMEngineConfig
 from service.engine.vllm_chain import CHAIN_ARG, CHAIN_VOCAB_FILE, ChainLogitsProcessor
 
@@ -86,6 +76,9 @@ from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.inputs import tokens_input
 from vllm.sampling_params import MAX_LOGPROB_TOKEN_IDS, RequestOutputKind
 from vllm.v1.engine.async_llm import AsyncLLM
+
+from service.engine.vllm_beam import TriePathLogitsProcessor, VLLMTrieBeamSearch
+from service.engine.vllm_prefix import finer_prefix_matching
 
 log = logging.getLogger("gream.engine")
 
@@ -119,6 +112,7 @@ class VLLMEngine(Engine):
         self.tokenizer: Any = None
         self._code_token = np.zeros(0, dtype=np.int64)  # flat code -> vocabulary id
         self._search: TrieBeamSearch | None = None  # over compact token ranks (see _load_tokenizer)
+        self._beam: VLLMTrieBeamSearch | None = None
         self._rank_token = np.zeros(0, dtype=np.int64)  # compact rank -> vocabulary id
         self._depth = trie.depth
         self._think_end = -1
@@ -134,6 +128,8 @@ class VLLMEngine(Engine):
     def stats(self) -> EngineStats:
         extra = {k: float(v) for k, v in self.counters.items()}
         extra["reasoning_active"] = float(self._reasoning_active)
+        if self._beam is not None:
+            extra["beam_vllm_requests"] = float(self._beam.requests_sent)
         running = self._llm.get_num_unfinished_requests() if self._llm is not None else 0
         return EngineStats(queue_depth=self._inflight, running=running, extra=extra)
 
@@ -152,7 +148,9 @@ class VLLMEngine(Engine):
             block_size=c.block_size, max_num_seqs=c.max_num_seqs,
             max_num_batched_tokens=c.max_num_batched_tokens, max_model_len=c.max_model_len,
             max_logprobs=MAX_LOGPROB_TOKEN_IDS, seed=self.seed, disable_log_stats=True,
-            distributed_executor_backend=c.executor, logits_processors=[ChainLogitsProcessor],
+            distributed_executor_backend=c.executor, logits_processors=[ChainLogitsProcessor, TriePathLogitsProcessor],
+            tensor_parallel_size=c.tensor_parallel_size, **finer_prefix_matching(c.prefix_match_unit),
+            **({} if c.gpu_memory_utilization is None else {"gpu_memory_utilization": c.gpu_memory_utilization}),
         )  # KV cache size: VLLM_CPU_KVCACHE_SPACE (GiB, default 1 here)
         if c.executor == "uni":
             # The model runs inside the engine-core process instead of a further worker process: loads
@@ -198,6 +196,8 @@ class VLLMEngine(Engine):
         rank[order] = np.arange(len(order))
         self._rank_token = self._code_token[order]
         self._search = TrieBeamSearch(self.bundle.trie, rank)
+        self._beam = VLLMTrieBeamSearch(lambda: self._llm, self.bundle.trie, self._search, self._rank_token,
+                                        self.config.beam_lookahead)
         self._think_end = int(self.tokenizer.convert_tokens_to_ids(THINK_END))
         self._suffix_ids = self._encode(reasoning_answer_suffix())
         # The chain's masks cover the model's whole output layer.
@@ -265,52 +265,11 @@ class VLLMEngine(Engine):
                     filt: TrieFilter | None, bias: NodeFusion | None) -> list[ScoredItem]:
         """Trie-constrained beam search of `width` beams (fused with the prior's term `bias`, if any);
         the top-k items, best first."""
-        assert self._search is not None
-        search, trie = self._search, self.bundle.trie
-        biases = stack_biases([bias], trie.num_nodes)
+        assert self._beam is not None
         if len(prompt_ids) + self._depth > self._max_len:
             raise ValueError(f"prompt of {len(prompt_ids)} tokens leaves no room for a {self._depth}-token "
                              f"ID in the model's {self._max_len} positions")
-        tag = f"{request_id}-{next(self._seq)}"
-        state: BeamState = search.start(1)
-        beams: list[list[int]] = [[]]  # vocabulary ids appended by each live beam
-        for level in range(self._depth):
-            kids = trie.children(state.node, filt)
-            if len(kids.row) == 0:
-                return []
-            kid_ranks = search.code_token[kids.code]
-            bounds = np.searchsorted(kids.row, np.arange(state.size + 1))  # rows are grouped by beam
-            jobs: list[tuple[int, np.ndarray]] = []
-            for b in range(state.size):
-                ranks = kid_ranks[bounds[b]:bounds[b + 1]]
-                for lo in range(0, len(ranks), MAX_LOGPROB_TOKEN_IDS):
-                    jobs.append((b, ranks[lo:lo + MAX_LOGPROB_TOKEN_IDS]))
-            results = await asyncio.gather(*(
-                self._score(f"{tag}-L{level}-b{b}-{j}", prompt_ids + beams[b], self._rank_token[ranks])
-                for j, (b, ranks) in enumerate(jobs)))
-            logprobs = torch.full((state.size, len(self._rank_token)), float("-inf"), dtype=torch.float64)
-            for (b, ranks), values in zip(jobs, results):
-                logprobs[b, torch.from_numpy(ranks)] = torch.tensor(values, dtype=torch.float64)
-            step = search.advance(state, logprobs, [width], [filt], biases)
-            beams = [beams[p] + [int(self._rank_token[r])] for p, r in zip(step.parent, step.token)]
-            state = step.state
-        if state.size == 0:
-            return []
-        return search.finish(state, 1, [k])[0]
-
-    async def _score(self, vllm_id: str, token_ids: list[int], candidates: np.ndarray) -> list[float]:
-        """Raw log-probabilities of `candidates` as the next token after `token_ids` (one engine step)."""
-        assert self._llm is not None
-        wanted = [int(t) for t in candidates]
-        params = SamplingParams(max_tokens=1, temperature=0.0, logprob_token_ids=wanted, detokenize=False,
-                                output_kind=RequestOutputKind.FINAL_ONLY, skip_clone=True)
-        final = None
-        async for out in self._llm.generate(tokens_input(token_ids), params, request_id=vllm_id):
-            final = out
-        if final is None or not final.outputs or not final.outputs[0].logprobs:
-            raise EngineUnavailable(f"vLLM returned no log-probabilities for {vllm_id}")
-        position = final.outputs[0].logprobs[0]
-        return [position[t].logprob for t in wanted]
+        return await self._beam.topk(f"{request_id}-{next(self._seq)}", prompt_ids, k, width, filt, bias)
 
     # ------------------------------------------------------------------ reasoning
     async def reason(self, request: EngineRequest, max_reasoning_tokens: int
