@@ -47,6 +47,7 @@ from service.engine.beam import BeamState, TrieBeamSearch, stack_biases
 PATHS_ARG = "gream_allowed_paths"
 
 Positions = dict[int, float]  # vocabulary id -> raw log-probability at one position
+FORK_LIMIT = 4  # at most this many children: each gets its own request in its parent's round
 Lookahead = Literal["chain", "greedy"]
 
 
@@ -211,7 +212,17 @@ class VLLMTrieBeamSearch:
             wanted |= more
             frontier = new_frontier
             steps += 1
-        return [_Probe(prefix, paths, steps, tuple(sorted(wanted)))]
+        probes = [_Probe(prefix, paths, steps, tuple(sorted(wanted)))]
+        if 1 < len(tokens) <= FORK_LIMIT and level + 1 < self.search.depth:
+            # A node with a few children: read each child's distribution in the same round instead of
+            # waiting for this level's ranking (one round less; a pruned child costs one request).
+            kids = self.trie.children(np.array([node]), filt)
+            for token, child in zip(self._tokens(kids.code), kids.node):
+                below = self.trie.children(np.array([child]), filt)
+                if len(below.row):
+                    probes += self._plan(prefix + (token,), int(child), self.search.code_token[below.code],
+                                         level + 1, filt)
+        return probes
 
     def _submit(self, vllm_id: str, prompt_ids: list[int], probe: _Probe,
                 known: dict[tuple[int, ...], list[asyncio.Future[Positions]]]) -> asyncio.Task[None]:

@@ -89,7 +89,8 @@ async def test_cancelled_search_stops_its_requests(engine: Any, bundle: Any) -> 
     from service.engine.base import EngineRequest
 
     task = asyncio.create_task(engine.recommend(EngineRequest("v-cancel", prompts(bundle, 1, seed=9)[0], K)))
-    await asyncio.sleep(0.05)
+    while engine.stats().running == 0 and not task.done():  # wait until vLLM runs its requests
+        await asyncio.sleep(0.001)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
