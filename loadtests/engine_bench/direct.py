@@ -127,6 +127,9 @@ async def bench_vllm(bundle: Any, prompts: Sequence[str], dtype: str, concurrenc
         for _ in range(2):  # warm-up
             await asyncio.gather(*(one(i) for i in range(min(8, len(prompts)))))
         for c in concurrencies:
+            # Each pass starts cold: the previous pass left every prompt in vLLM's prefix cache, which
+            # would turn this pass into repeated prompts (the other rows have no such cache).
+            await engine.reset_prefix_cache()
             rows.append(await run_async("vllm: VLLMEngine", one, len(prompts), c))
     finally:
         await engine.close()

@@ -170,6 +170,11 @@ class VLLMEngine(Engine):
         log.info("vllm engine ready", extra={"vllm": VLLM_VERSION, "dtype": self.dtype,
                                              "load_s": round(time.perf_counter() - started, 1)})
 
+    async def reset_prefix_cache(self) -> None:
+        """Forget every cached prefix (benchmarks measure cold prompts with it)."""
+        if self._llm is not None:
+            await self._llm.reset_prefix_cache()
+
     async def close(self) -> None:
         self._ready = False
         llm, self._llm = self._llm, None
