@@ -61,7 +61,6 @@ from service.engine.base import (
 )
 from service.engine.beam import TrieBeamSearch, beam_widths, request_bias
 from service.engine.config import VLLMEngineConfig
-from service.engine.vllm_chain import CHAIN_ARG, CHAIN_VOCAB_FILE, ChainLogitsProcessor
 
 _PROJECT_ROOT = Path(__file__).resolve().parents[2]
 # vLLM reads these lazily; set project defaults before it is imported (an explicit setting wins).
@@ -78,6 +77,7 @@ from vllm.sampling_params import MAX_LOGPROB_TOKEN_IDS, RequestOutputKind
 from vllm.v1.engine.async_llm import AsyncLLM
 
 from service.engine.vllm_beam import TriePathLogitsProcessor, VLLMTrieBeamSearch
+from service.engine.vllm_chain import CHAIN_ARG, CHAIN_VOCAB_FILE, ChainLogitsProcessor
 from service.engine.vllm_prefix import finer_prefix_matching
 
 log = logging.getLogger("gream.engine")
