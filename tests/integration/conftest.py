@@ -114,3 +114,23 @@ async def running_server(app: Any, startup_timeout_s: float = 10.0) -> AsyncIter
     finally:
         server.should_exit = True
         await asyncio.wait_for(task, timeout=10)
+
+
+@pytest.fixture(scope="module")
+def bundle(gw_bundle: Any) -> Any:
+    """The tiny bundle, as the engine tests name it."""
+    return gw_bundle
+
+
+@pytest.fixture(scope="module")
+def hf(bundle: Any) -> Any:
+    """The plain HF trie decoder that the engines' items and scores are checked against."""
+    from transformers import AutoTokenizer
+
+    from model_store.model import load_bundle_model
+    from model_store.tokens import id_token_ids
+    from service.engine.hf_decoder import HFTrieDecoder
+
+    tok = AutoTokenizer.from_pretrained(str(bundle.tokenizer_path), local_files_only=True)
+    return HFTrieDecoder(load_bundle_model(bundle.model_path), tok, bundle.trie,
+                         id_token_ids(tok, bundle.id_format))

@@ -9,32 +9,20 @@ CPU; under pytest the main module is pytest's own, so nothing needs setting for 
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import pytest_asyncio
 
-# Skip only when vLLM is absent; an installed but broken vLLM must fail here, not vanish as a skip.
-if importlib.util.find_spec("vllm") is None:
-    pytest.skip("vLLM is not installed; install the vllm extra (see the Makefile) to run these tests",
-                allow_module_level=True)
+from tests.support.vllm_checks import require_vllm
 
-import vllm  # noqa: F401
+require_vllm()
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow, pytest.mark.asyncio(loop_scope="module")]
 
 K = 10
-
-
-@pytest.fixture(scope="module")
-def bundle(tiny_bundle_dir: Path) -> Any:
-    from model_store.bundle import load_bundle
-
-    return load_bundle(tiny_bundle_dir)
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
@@ -46,19 +34,6 @@ async def engine(bundle: Any) -> AsyncIterator[Any]:
     await eng.start()
     yield eng
     await eng.close()
-
-
-@pytest.fixture(scope="module")
-def hf(bundle: Any) -> Any:
-    from transformers import AutoTokenizer
-
-    from model_store.model import load_bundle_model
-    from model_store.tokens import id_token_ids
-    from service.engine.hf_decoder import HFTrieDecoder
-
-    tok = AutoTokenizer.from_pretrained(str(bundle.tokenizer_path), local_files_only=True)
-    return HFTrieDecoder(load_bundle_model(bundle.model_path), tok, bundle.trie,
-                         id_token_ids(tok, bundle.id_format))
 
 
 def prompts(bundle: Any, n: int, seed: int = 0, reasoning: bool = False) -> list[str]:
