@@ -120,7 +120,7 @@ def gateway_lifespan(settings: Settings, metrics: Metrics, engine: Engine | None
                 first = await build.deployment(bundle, engine, owns_engine=False)
             else:
                 first = await build(await asyncio.to_thread(first_bundle_dir, settings))
-            await host.start(first)
+            host.start(first)
             del first  # the host alone holds it, so a swap can free it
             app.state.host = host
             if settings.registry is not None:

@@ -102,6 +102,9 @@ class Recommender:
         self.history_cap = history_cap
         self.drop_chunk = drop_chunk
         self.metrics = metrics
+        # One recommender serves one version: its counters are bound once, not looked up per request.
+        self._served = {mode: metrics.served.labels(bundle.version, mode) for mode in ("direct", "reasoning")
+                        } if metrics is not None else {}
         self._grounding: GroundingIndex | None = None  # built on the first stream (item themes)
 
     # ------------------------------------------------------------------ validation
@@ -162,7 +165,7 @@ class Recommender:
             return self._finish(plan, self._popular(plan))
         scored = await self.engine.recommend(self.engine_request(plan))
         if self.metrics is not None:
-            self.metrics.served.labels(self.bundle.version, "direct").inc()
+            self._served["direct"].inc()
         return self._finish(plan, self._describe(scored))
 
     async def stream(self, plan: Plan, max_reasoning_tokens: int
@@ -185,7 +188,7 @@ class Recommender:
                 elif isinstance(event, ReasoningDone):
                     if self.metrics is not None:
                         self.metrics.reasoning_tokens.observe(event.reasoning_tokens)
-                        self.metrics.served.labels(self.bundle.version, "reasoning").inc()
+                        self._served["reasoning"].inc()
                     result = self._finish(plan, self._describe(event.items))
                     result.reasoning_tokens = event.reasoning_tokens
                     result.finish_reason = event.finish_reason

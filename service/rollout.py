@@ -108,7 +108,7 @@ class ModelHost:
         return [d.version for d in (self.current, self.retiring) if d is not None]
 
     # ------------------------------------------------------------------ swapping
-    async def start(self, deployment: Deployment) -> None:
+    def start(self, deployment: Deployment) -> None:
         """Serve a first deployment, built by the caller."""
         self.current = deployment
         if self.on_swap is not None:
