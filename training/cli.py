@@ -39,15 +39,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from transformers import AutoTokenizer
-
     from model_store.bundle import load_bundle
-    from model_store.model import load_bundle_model
-    from training.baselines import baseline_rows
-    from training.config import STAGE_LABELS
+    from service.config import Settings
     from training.data import InteractionData
-    from training.evaluate import PRIOR_ALONE, evaluate_modes, format_table, prior_rankings, ranking_metrics
-    from training.stages.validation import stage_bundle_paths
+    from training.eval_report import EvalOptions, evaluate_bundle, print_report
 
     if args.bundle is None and not args.baselines_only:
         _log("gream eval: --bundle is required (or --baselines-only)")
@@ -56,57 +51,25 @@ def cmd_eval(args: argparse.Namespace) -> int:
     data = InteractionData.load(args.data)
     split = data.valid if args.split == "valid" else data.test
     rows = split[: args.limit] if args.limit else split
-    modes = ["direct", "reasoning"] if args.mode == "both" else [args.mode]
-    targets: list[tuple[str, object]] = []
-    if bundle is not None and args.with_stages:
-        targets += [(STAGE_LABELS.get(stage, stage), load_bundle(path))
-                    for stage, path in stage_bundle_paths(bundle).items()]
-        if not targets:
-            _log("no stage bundles recorded in this bundle's manifest; evaluating the bundle alone")
-    if not targets and bundle is not None:
-        targets = [("model", bundle)]
-    metrics: dict[str, dict[str, float]] = {}
-    timings: dict[str, float] = {}
-    for label, b in targets:
-        t = time.perf_counter()
-        tokenizer = AutoTokenizer.from_pretrained(str(b.tokenizer_path))
-        model = load_bundle_model(b.model_path)
-        stage_modes = modes if (label != STAGE_LABELS["align"] or not args.with_stages) else ["direct"]
-        variants = [(label, None)] if args.prior != "only" or b.prior is None else []
-        if b.prior is not None and args.prior != "off":
-            variants += prior_variants(label, b.prior, args.prior_strengths, args.prior_floors, args.prior_mixtures)
-        metrics.update(evaluate_modes(model, tokenizer, b, rows, stage_modes, label, beams=args.beams,
-                                      reasoning_rows=args.reasoning_limit, reasoning_tokens=args.reasoning_tokens,
-                                      variants=variants))
-        timings[label] = time.perf_counter() - t
-    if args.split == "valid":
-        from training.tasks import holdout_sequences
-
-        # Valid targets are inside train.jsonl: count the baselines on train cut before the valid rows.
-        base_train = holdout_sequences(data.train, data.valid)
-    else:
-        base_train = data.train
-    if bundle is not None and bundle.prior is not None and args.prior != "off":
-        # What the model adds: the same prior ranking on its own, as a baseline would.
-        metrics[PRIOR_ALONE] = ranking_metrics(prior_rankings(bundle, bundle.prior, rows), [r.target for r in rows])
-    metrics.update(baseline_rows(base_train, rows, 10, valid=data.valid, sasrec=not args.no_sasrec))
-    print(format_table({n: {k: v for k, v in m.items() if "@" in k} for n, m in metrics.items()}))
-    for name, m in metrics.items():
-        if "grounded_share" in m:  # reasoning mode: how faithful and well-formed the chains were
-            print(f"{name}: grounded {m['grounded_share']:.3f}, closed within budget "
-                  f"{m['closed_within_budget_share']:.3f}, repeated 4-gram rate {m['repeated_4gram_rate']:.4f}, "
-                  f"mean reasoning tokens {m['mean_reasoning_tokens']:.1f}, time to first token "
-                  f"{m['time_to_first_token_ms']:.0f} ms (batched)")
-    report = {"bundle": bundle.version if bundle else None, "split": args.split, "rows": len(rows), "beams": args.beams, "modes": modes,
-              "metrics": metrics, "eval_seconds": timings,
-              "training_timings": bundle.manifest.get("stats", {}).get("training", {}).get("timings") if bundle else None}
+    served_beams = args.served_beams or Settings.model_fields["default_beams"].default
+    opts = EvalOptions(
+        modes=["direct", "reasoning"] if args.mode == "both" else [args.mode], with_stages=args.with_stages,
+        prior=args.prior, beams=args.beams, served_beams=served_beams, sasrec=not args.no_sasrec,
+        reasoning_limit=args.reasoning_limit, reasoning_tokens=args.reasoning_tokens,
+        prior_variants=lambda label, prior: prior_variants(label, prior, args.prior_strengths, args.prior_floors,
+                                                           args.prior_mixtures))
+    report = evaluate_bundle(bundle, data, rows, args.split, opts, log=_log)
+    report["bundle"] = bundle.version if bundle else None
+    report["training_timings"] = (bundle.manifest.get("stats", {}).get("training", {}).get("timings")
+                                  if bundle else None)
+    print_report(report, log=print)
     if args.report:
         Path(args.report).write_text(json.dumps(report, indent=2))
         _log(f"report -> {args.report}")
     if args.plot:
         from training.plot import plot_report
 
-        plot_report(metrics, args.plot)
+        plot_report(report, args.plot)
         _log(f"plot -> {args.plot}")
     return 0
 
@@ -241,7 +204,9 @@ def add_training_commands(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--prior-floors", default=None, help="comma-separated floors to try (tuning on valid)")
     ev.add_argument("--prior-mixtures", default=None,
                     help="comma-separated prior weights of mixture fusion to try (tuning on valid)")
-    ev.add_argument("--beams", type=int, default=20)
+    ev.add_argument("--beams", type=int, default=20, help="beam width of the per-stage rows")
+    ev.add_argument("--served-beams", type=int, default=None,
+                    help="beam width of the served row (default: the service's GREAM_DEFAULT_BEAMS default)")
     ev.add_argument("--no-sasrec", action="store_true", help="skip the SASRec baseline (minutes on 2 cores)")
     ev.add_argument("--prior", choices=["both", "off", "only"], default="both",
                     help="bundles with a collaborative prior: evaluate the model without it, fused with it "

@@ -15,7 +15,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from model_store.prior import PriorSettings
 from training.backbone import ScratchConfig
@@ -96,11 +96,17 @@ class SFTSection(Section):
     batch_size: int
     lr: float
     max_steps: int | None = None
+    weight_decay: float = 0.01
+    # Residual-stream dropout while the stage trains (training/regularisation.py); the saved model has none.
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
 
 
 class AlignSection(SFTSection):
     max_history: int = 10
     dense_history: bool = True
+    # "prefix": one sequential example per position; "sequence": one per window of max_history + 1
+    # items, each transition labelled once (training.tasks.sequential_examples).
+    windows: Literal["prefix", "sequence"] = "prefix"
     # true: train for the mixture weight the bundle's prior serves; a number in (0, 1): for that weight.
     fused_objective: bool | float = False
     weights: TaskWeights | None = None
@@ -184,6 +190,15 @@ class RecipeConfig(Section):
     holdout_valid: bool = False  # train on train.jsonl cut before the valid rows (for tuning on valid)
     select_on_valid: bool = False  # keep the pre-SRPO weights when SRPO lowers valid NDCG@10
     stage_bundles: bool = True  # a snapshot bundle per stage next to the bundle (`OUT.stages/<stage>`)
+
+    @model_validator(mode="after")
+    def _selection_needs_held_out_rows(self) -> RecipeConfig:
+        # Valid targets are inside train.jsonl: without the hold-out, choosing weights on valid rows
+        # chooses the model that memorised them best (valid HR@10 0.79 against 0.09 on test, measured).
+        if self.select_on_valid and not self.holdout_valid:
+            raise ValueError("select_on_valid needs holdout_valid = true: valid targets are in the training "
+                             "sequences otherwise, and choosing on them selects for memorisation")
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         """The keys the preset and the overrides set, as recorded in the bundle's manifest."""

@@ -63,15 +63,18 @@ def prior_rankings(bundle: Bundle, prior: TransitionPrior, rows: Sequence[EvalRo
 
 def model_rankings(decoder: Any, bundle: Bundle, rows: Sequence[EvalRow], k: int = 10, beams: int = 20,
                    batch_size: int = 32, max_history: int | None = None, desc: str = "eval",
-                   prior: TransitionPrior | None = None) -> list[list[str]]:
+                   prior: TransitionPrior | None = None, exclude_seen: bool = False) -> list[list[str]]:
     """Top-k item ids per row from the bundle's model, decoded as the service decodes (direct mode):
-    the prompt holds the bundle's trained history window (default 10), fused with `prior` when given."""
+    the prompt holds the bundle's trained history window (default 10), fused with `prior` when given;
+    with `exclude_seen` the history's items are blocked in the trie, as the service's default does."""
     max_history = max_history or getattr(bundle, "prompt_history", None) or 10
     ranked: list[list[str]] = []
     for start in tqdm(range(0, len(rows), batch_size), desc=desc, unit="batch"):
         chunk = rows[start: start + batch_size]
         prompts = [tokens.direct_prompt(spell_history(bundle, r.history[-max_history:])) for r in chunk]
-        results = decoder.topk(prompts, [k] * len(chunk), [beams] * len(chunk),
+        filters = [bundle.trie.make_filter(bundle.index_of[i] for i in r.history if i in bundle.index_of)
+                   for r in chunk] if exclude_seen else None
+        results = decoder.topk(prompts, [k] * len(chunk), [beams] * len(chunk), filters=filters,
                                biases=prior_biases(bundle, prior, chunk))
         ranked += [[bundle.items[s.index].item_id for s in res] for res in results]
     return ranked
@@ -152,13 +155,17 @@ def evaluate_modes(model: Any, tokenizer: Any, bundle: Bundle, rows: Sequence[Ev
     model.eval()
     decoder = make_decoder(model, tokenizer, bundle.trie, tokens.id_token_ids(tokenizer, bundle.id_format))
     out: dict[str, dict[str, float]] = {}
+    sub = list(rows[:reasoning_rows]) if reasoning_rows else list(rows)
     if "direct" in modes:
         for name, p in variants:
             ranked = model_rankings(decoder, bundle, rows, k=k, beams=beams, desc=f"eval {name} direct", prior=p,
                                     max_history=max_history)
             out[f"{name} (direct)"] = ranking_metrics(ranked, [r.target for r in rows])
+            if "reasoning" in modes and len(sub) < len(rows):
+                # Reasoning runs on fewer rows: direct mode on those same rows, for a like-with-like pair.
+                out[f"{name} (direct, first {len(sub)} rows)"] = {
+                    **ranking_metrics(ranked[: len(sub)], [r.target for r in sub]), "rows": len(sub)}
     if "reasoning" in modes:
-        sub = list(rows[:reasoning_rows]) if reasoning_rows else list(rows)
         rankings, figures = reasoning_rankings(model, tokenizer, decoder, bundle, sub, k=k, beams=beams,
                                            max_new_tokens=reasoning_tokens, desc=f"eval {label} reasoning",
                                            priors=[p for _, p in variants], max_history=max_history)

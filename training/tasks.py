@@ -32,20 +32,38 @@ def spell_history(bundle: Bundle, history: Sequence[str]) -> list[str]:
 
 
 def sequential_examples(bundle: Bundle, sequences: dict[str, list[str]], max_history: int = 10,
-                        dense: bool = True, prior: TransitionPrior | None = None) -> list[Example]:
-    """History -> next item ID, one example per position of every training sequence.
+                        dense: bool = True, prior: TransitionPrior | None = None,
+                        windows: str = "prefix") -> list[Example]:
+    """History -> next item ID over every training sequence.
 
+    `windows`: "prefix", one example per position (the history before it, up to `max_history` items);
+    "sequence", one example per window of `max_history` + 1 items, stepping `max_history`, so that each
+    item after a sequence's first is the target of exactly one example, as a sequential model trains
+    (needs `dense`). With prefixes the dense loss labels each transition again in every later window,
+    3-4 times on amazon-industrial, and most of an epoch's compute goes to that repetition.
     `dense`: the loss also covers the history's own items after the first (each is the next item of
-    those before it), about max_history times more supervision per token computed; measured on
-    amazon-industrial it is what lets a small model learn the item transitions in minutes.
+    those before it); measured on amazon-industrial it is what lets a small model learn the item
+    transitions in minutes.
     `prior`: each example carries the prior's held-out log-probability of its completion's items
     (TransitionPrior.held_out_log_probs), for the fused objective."""
+    if windows not in ("prefix", "sequence"):
+        raise ValueError(f"windows must be 'prefix' or 'sequence', got {windows!r}")
+    if windows == "sequence" and not dense:
+        raise ValueError("windows='sequence' trains every position of a window: it needs dense=True")
     out = []
     for seq in sequences.values():
         seq = [i for i in seq if i in bundle.index_of]
         # held[t - 1]: the prior's log-probability of seq[t] after seq[:t], this user's counts taken out.
         held = prior.held_out_log_probs([bundle.index_of[i] for i in seq]) if prior is not None else None
-        for t, (history, target) in enumerate(next_item_windows(seq, max_history), start=1):
+        if windows == "sequence":
+            pairs = [(s + max_history, (seq[s: s + max_history], seq[s + max_history]))
+                     if s + max_history < len(seq) else (len(seq) - 1, (seq[s: -1], seq[-1]))
+                     for s in range(0, max(1, len(seq) - 1), max_history)]
+        else:
+            pairs = list(enumerate(next_item_windows(seq, max_history), start=1))
+        for t, (history, target) in pairs:
+            if not history:
+                continue
             spelled, answer = spell_history(bundle, history), bundle.spelled_id(bundle.index_of[target])
             if dense:
                 head, rest = tokens.direct_prompt_split(spelled)
@@ -117,12 +135,12 @@ def mix_examples(groups: dict[str, Sequence[Example]], weights: dict[str, float]
 
 def alignment_examples(bundle: Bundle, sequences: dict[str, list[str]], weights: dict[str, float] | None = None,
                        max_history: int = 10, seed: int = 0, dense_history: bool = True,
-                       prior: TransitionPrior | None = None) -> list[Example]:
+                       prior: TransitionPrior | None = None, windows: str = "prefix") -> list[Example]:
     """The collaborative-semantic alignment mix: history -> ID, text -> ID, ID -> title, titles -> ID
     (with `prior`, the sequential examples carry its held-out log-probabilities)."""
     weights = {**DEFAULT_TASK_WEIGHTS, **(weights or {})}
     builders = {
-        "sequential": lambda: sequential_examples(bundle, sequences, max_history, dense_history, prior),
+        "sequential": lambda: sequential_examples(bundle, sequences, max_history, dense_history, prior, windows),
         "text_to_id": lambda: text_to_id_examples(bundle),
         "id_to_title": lambda: id_to_title_examples(bundle),
         "titles_history": lambda: titles_history_examples(bundle, sequences, min(5, max_history)),

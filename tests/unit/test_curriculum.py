@@ -120,6 +120,26 @@ def test_dense_sequential_examples_teach_every_history_item(bundle_and_sequences
         assert d.completion.endswith(p.completion) and len(d.completion) > len(p.completion)
 
 
+def test_sequence_windows_label_each_transition_once(bundle_and_sequences) -> None:
+    from collections import Counter
+
+    from training.tasks import sequential_examples
+
+    bundle, seqs = bundle_and_sequences
+    windows = sequential_examples(bundle, seqs, max_history=4, windows="sequence")
+    prefixes = sequential_examples(bundle, seqs, max_history=4, windows="prefix")
+
+    def labelled(examples) -> int:  # items whose ID tokens carry loss (one level-0 token per item)
+        return sum(e.completion.count(bundle.id_format.token(0, 0)[:3]) for e in examples)
+
+    # Every item after a sequence's first is a target exactly once: the sum of (length - 1).
+    assert labelled(windows) == sum(len(s) - 1 for s in seqs.values() if len(s) > 1)
+    assert len(windows) < len(prefixes)
+    assert labelled(prefixes) > 2 * labelled(windows)  # prefixes label most transitions again and again
+    with pytest.raises(ValueError, match="dense"):
+        sequential_examples(bundle, seqs, windows="sequence", dense=False)
+
+
 @pytest.mark.parametrize("no_categories", [False, True])
 def test_template_chains_pass_the_validator(bundle_and_sequences, no_categories: bool) -> None:
     from model_store.grounding import validate_chain

@@ -114,3 +114,11 @@ def test_prior_section_gives_the_prior_settings_it_states() -> None:
     section = load_config({"base": "tiny", "prior": {"fusion": "product", "strength": 4.0}}).prior
     assert section.settings() == PriorSettings(fusion="product", strength=4.0, mixture_weight=0.8, floor=0.02)
     assert load_config("small").prior.settings().mixture_weight == 0.95
+
+
+def test_selection_on_valid_rows_needs_the_hold_out() -> None:
+    from training.config import RecipeConfigError, load_config
+
+    with pytest.raises(RecipeConfigError, match="holdout_valid"):
+        load_config({"base": "small", "select_on_valid": True})
+    assert load_config({"base": "small", "select_on_valid": True, "holdout_valid": True}).select_on_valid

@@ -96,3 +96,20 @@ def test_sasrec_real_positions_do_not_attend_to_padding() -> None:
         after = net(ids)[0, 3:]
     assert torch.isfinite(before).all()
     torch.testing.assert_close(before, after)
+
+
+def test_paired_bootstrap_interval_holds_the_difference() -> None:
+    import numpy as np
+
+    from training.eval_report import ndcg_per_row, paired_bootstrap
+
+    ndcg = ndcg_per_row([["a", "b"], ["b", "a"], ["c", "d"]], ["a", "a", "a"], k=2)
+    assert ndcg.tolist() == pytest.approx([1.0, 1 / math.log2(3), 0.0])
+    rng = np.random.default_rng(1)
+    better = rng.random(2000) * 0.2 + 0.05
+    worse = better - 0.05 + rng.normal(0, 0.01, 2000)
+    cmp = paired_bootstrap(better, worse, samples=500)
+    assert cmp["ci95_low"] < cmp["mean"] < cmp["ci95_high"]
+    assert cmp["ci95_low"] > 0.04 and cmp["ci95_high"] < 0.06
+    same = paired_bootstrap(better, better + rng.normal(0, 0.01, 2000), samples=500)
+    assert same["ci95_low"] < 0 < same["ci95_high"]

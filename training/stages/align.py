@@ -31,7 +31,8 @@ def alignment(run: RecipeRun) -> Alignment:
                 f"{fused.mixture_weight:g}, against held-out prior probabilities")
     weights = section.weights.model_dump() if section.weights is not None else None
     examples = alignment_examples(run.ids_bundle, run.train, weights, run.max_history, run.seed,
-                                  section.dense_history, run.prior if fused is not None else None)
+                                  section.dense_history, run.prior if fused is not None else None,
+                                  section.windows)
     return Alignment(examples, fused)
 
 

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from training.config import SFTSection
+from training.regularisation import residual_dropout
 
 
 def fit_epochs(model: Any, tokenizer: Any, examples: Sequence[Any], batch_size: int, epochs: float,
@@ -62,8 +63,9 @@ def run_sft(model: Any, tokenizer: Any, examples: Sequence[Any], section: SFTSec
     # The most the schedule may be re-planned to while training: the preset's epochs and step cap.
     cap, _ = fit_epochs(model, tokenizer, examples, section.batch_size, section.epochs, None, section.max_steps)
     cfg = SFTConfig(epochs=epochs, batch_size=section.batch_size, lr=section.lr, max_minutes=minutes, seed=seed,
-                    max_epochs=cap)
-    stats = train_sft(model, tokenizer, examples, cfg, desc=desc, accelerator=accelerator, fused=fused)
+                    max_epochs=cap, weight_decay=section.weight_decay)
+    with residual_dropout(model, section.dropout):
+        stats = train_sft(model, tokenizer, examples, cfg, desc=desc, accelerator=accelerator, fused=fused)
     return {**stats, "probe_s_per_step": per_step, "tasks": _task_counts(examples),
             "fused_objective": None if fused is None else {"mixture_weight": fused.mixture_weight}}
 
