@@ -93,6 +93,10 @@ class Settings(BaseSettings):
     # ------------------------------------------------------------------ engine tuning
     default_beams: int = Field(10, ge=1, le=1000, description="beam width of the constrained search (at least "
                                                               "k is used)")
+    reasoning_answer: Literal["history", "chain"] = Field(
+        "history", description="what a stream's items are ranked from: the history, as in direct mode (the "
+                               "chain explains the ranking and costs it nothing), or the history and the chain, "
+                               "as GREAM's reasoning mode (lost accuracy with the small models measured)")
     use_prior: bool = Field(True, description="fuse the bundle's collaborative prior (model_store.prior) into "
                                               "the beam scores; no effect for bundles without one")
     queue_max: int = Field(256, ge=1, description="requests the engine queues; past it the gateway answers 429 "

@@ -76,7 +76,8 @@ class DeploymentBuilder:
         search = await asyncio.to_thread(TitleIndex.from_bundle, bundle)
         s = self.settings
         recommender = Recommender(bundle, engine, self.store, history_cap=s.history_cap,
-                                  drop_chunk=s.history_drop_chunk, metrics=self.metrics, use_prior=s.use_prior)
+                                  drop_chunk=s.history_drop_chunk, metrics=self.metrics, use_prior=s.use_prior,
+                                  reasoning_answer=s.reasoning_answer)
         return Deployment(bundle, engine, recommender, search, owns_engine=owns_engine)
 
 

@@ -91,8 +91,14 @@ class StreamDone:
 
 class Recommender:
     def __init__(self, bundle: Bundle, engine: Engine, store: HistoryStore, *, history_cap: int = 50,
-                 drop_chunk: int = 10, metrics: Metrics | None = None, use_prior: bool = True):
+                 drop_chunk: int = 10, metrics: Metrics | None = None, use_prior: bool = True,
+                 reasoning_answer: str = "history"):
         self.bundle = bundle
+        if reasoning_answer not in ("history", "chain"):
+            raise ValueError(f"reasoning_answer must be 'history' or 'chain', got {reasoning_answer!r}")
+        # "history": a stream's items are direct mode's, ranked from the history; the chain explains
+        # them. "chain": ranked after the chain, as GREAM conditions its answer.
+        self.reasoning_answer = reasoning_answer
         self.use_prior = use_prior  # send the history so the engine fuses the bundle's collaborative prior
         # Prompts hold at most the window the model was trained on (and evaluated with): longer prompts
         # put items at positions it never learned.
@@ -154,9 +160,10 @@ class Recommender:
     def engine_request(self, plan: Plan, reasoning: bool = False) -> EngineRequest:
         spelled = [self.bundle.spelled_id(i) for i in plan.history]
         prompt = reasoning_prompt(spelled) if reasoning else direct_prompt(spelled)
+        answer = direct_prompt(spelled) if reasoning and self.reasoning_answer == "history" else None
         return EngineRequest(request_id=plan.request_id, prompt=prompt, k=plan.query.k,
                              exclude=plan.exclude, allow=plan.allow,
-                             history=tuple(plan.history) if self.use_prior else None)
+                             history=tuple(plan.history) if self.use_prior else None, answer_prompt=answer)
 
     # ------------------------------------------------------------------ answers
     async def recommend(self, query: Query, request_id: str) -> Result:

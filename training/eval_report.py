@@ -156,8 +156,9 @@ def print_report(report: dict[str, Any], log: Any = print) -> None:
     from training.evaluate import format_table
 
     metrics = report["metrics"]
-    full = {n: {k: v for k, v in m.items() if "@" in k} for n, m in metrics.items() if "rows" not in m}
-    subset = {n: {k: v for k, v in m.items() if "@" in k} for n, m in metrics.items() if "rows" in m}
+    on_all = [n for n, m in metrics.items() if m.get("rows", report["rows"]) == report["rows"]]
+    full = {n: {k: v for k, v in metrics[n].items() if "@" in k} for n in on_all}
+    subset = {n: {k: v for k, v in m.items() if "@" in k} for n, m in metrics.items() if n not in on_all}
     log(f"{report['split']}, {report['rows']:,} rows; history items excluded only in the served row")
     log(format_table(full))
     if subset:

@@ -83,19 +83,22 @@ def model_rankings(decoder: Any, bundle: Bundle, rows: Sequence[EvalRow], k: int
 def reasoning_rankings(model: Any, tokenizer: Any, decoder: Any, bundle: Bundle, rows: Sequence[EvalRow],
                        k: int = 10, beams: int = 20, max_new_tokens: int = 96, batch_size: int = 16,
                        max_history: int | None = None, desc: str = "eval reasoning",
-                       priors: Sequence[Any] = (None,)) -> tuple[list[list[list[str]]], dict[str, float]]:
+                       priors: Sequence[Any] = (None,), answers: Sequence[str] = ("history", "chain")
+                       ) -> tuple[dict[str, list[list[list[str]]]], dict[str, float]]:
     """Reasoning mode as the service runs it: greedy reasoning after THINK_START under the chain
-    automaton (model_store.chain_automaton), then THINK_END ANSWER and the constrained top-k IDs (the
-    same beam search and scoring as direct mode). The reasoning is generated once and the answer
-    decoded once per entry of `priors` (None: the model alone). Returns one list of rankings per
-    prior and the chains' figures (`chain_figures`)."""
+    automaton (model_store.chain_automaton), then the constrained top-k IDs (the same beam search
+    and scoring as direct mode), decoded from the direct prompt (answer "history", the service's
+    default) and after THINK_END ANSWER (answer "chain", GREAM's conditioning). The reasoning is
+    generated once and the answer decoded once per answer and entry of `priors` (None: the model
+    alone). Returns {answer: one list of rankings per prior} and the chains' figures
+    (`chain_figures`, against the first answer's items)."""
     from training.grounded_generation import GroundedChains, grounding_for
     from training.srpo import generate_reasoning
 
     max_history = max_history or bundle.prompt_history or 10
     suffix = tokenizer(tokens.reasoning_answer_suffix(), add_special_tokens=False)["input_ids"]
     grounding = grounding_for(model, tokenizer, GroundingIndex(bundle))
-    ranked: list[list[list[str]]] = [[] for _ in priors]
+    ranked: dict[str, list[list[list[str]]]] = {a: [[] for _ in priors] for a in answers}
     chains: list[ChainFigures] = []
     first_token: list[float] = []
     for start in tqdm(range(0, len(rows), batch_size), desc=desc, unit="batch"):
@@ -108,17 +111,22 @@ def reasoning_rankings(model: Any, tokenizer: Any, decoder: Any, bundle: Bundle,
         reasoning, closed = generate_reasoning(model, tokenizer, prompt_ids, max_new_tokens,
                                                logits_processor=constraint)
         first_token.append(constraint.first_token_s or 0.0)
-        ids = [p + r + suffix for p, r in zip(prompt_ids, reasoning, strict=True)]
-        for n, (out, prior) in enumerate(zip(ranked, priors, strict=True)):
-            results = decoder.topk([""] * len(ids), [k] * len(ids), [beams] * len(ids), prompt_ids=ids,
-                                   biases=prior_biases(bundle, prior, chunk))
-            out += [[bundle.items[s.index].item_id for s in res] for res in results]
-            if n == 0:
-                for body, ok, hist, res in zip(reasoning, closed, names, results, strict=True):
-                    text = tokenizer.decode(body, skip_special_tokens=False)
-                    returned = grounding.index.names_of([s.index for s in res])
-                    chains.append(ChainFigures(not validate_chain(text, hist, returned, grounding.index), ok,
-                                               repeated_ngram_rate(text), len(body)))
+        for a, answer in enumerate(answers):
+            if answer == "chain":
+                ids = [p + r + suffix for p, r in zip(prompt_ids, reasoning, strict=True)]
+            else:
+                ids = tokenizer([tokens.direct_prompt([bundle.spelled_id(i) for i in h]) for h in histories],
+                                add_special_tokens=False)["input_ids"]
+            for n, (out, prior) in enumerate(zip(ranked[answer], priors, strict=True)):
+                results = decoder.topk([""] * len(ids), [k] * len(ids), [beams] * len(ids), prompt_ids=ids,
+                                       biases=prior_biases(bundle, prior, chunk))
+                out += [[bundle.items[s.index].item_id for s in res] for res in results]
+                if n == 0 and a == 0:
+                    for body, ok, hist, res in zip(reasoning, closed, names, results, strict=True):
+                        text = tokenizer.decode(body, skip_special_tokens=False)
+                        returned = grounding.index.names_of([s.index for s in res])
+                        chains.append(ChainFigures(not validate_chain(text, hist, returned, grounding.index), ok,
+                                                   repeated_ngram_rate(text), len(body)))
     return ranked, chain_figures(chains, first_token)
 
 
@@ -169,9 +177,12 @@ def evaluate_modes(model: Any, tokenizer: Any, bundle: Bundle, rows: Sequence[Ev
         rankings, figures = reasoning_rankings(model, tokenizer, decoder, bundle, sub, k=k, beams=beams,
                                            max_new_tokens=reasoning_tokens, desc=f"eval {label} reasoning",
                                            priors=[p for _, p in variants], max_history=max_history)
-        for (name, _), ranked in zip(variants, rankings, strict=True):
-            out[f"{name} (reasoning)"] = {**ranking_metrics(ranked, [r.target for r in sub]), **figures,
-                                          "rows": len(sub)}
+        # "(reasoning)": items ranked from the history, as served by default; "(reasoning, items
+        # after the chain)": GREAM's conditioning (GREAM_REASONING_ANSWER=chain).
+        for answer, suffix in (("history", ""), ("chain", ", items after the chain")):
+            for (name, _), ranked in zip(variants, rankings[answer], strict=True):
+                out[f"{name} (reasoning{suffix})"] = {**ranking_metrics(ranked, [r.target for r in sub]), **figures,
+                                                      "rows": len(sub)}
     return out
 
 

@@ -26,6 +26,10 @@ class EngineRequest:
     # The history as item indices, most recent last: the bundle's collaborative prior (if any) is fused
     # into the scores from it. None decodes with the model alone.
     history: tuple[int, ...] | None = None
+    # Reasoning mode: the items after the chain are decoded from this prompt (the request's direct
+    # prompt, so the ranking is direct mode's) instead of from the prompt and the chain. None: after
+    # the chain, as GREAM's reasoning mode conditions its answer.
+    answer_prompt: str | None = None
 
 
 @dataclass(frozen=True)

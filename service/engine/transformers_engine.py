@@ -181,9 +181,12 @@ class TransformersEngine(Engine):
             tail = await self.pool.run(reasoning.flush_text, session, worker=worker)
             if tail:
                 yield ReasoningDelta(tail)
-            answer_ids = reasoning.answer_ids(session)
             session.cache = None  # free the reasoning KV cache before the top-k prefill
-            items = await self.batcher.submit(self._job(request, prompt=None, prompt_ids=answer_ids))
+            if request.answer_prompt is not None:
+                job = self._job(request, prompt=request.answer_prompt, prompt_ids=None)
+            else:
+                job = self._job(request, prompt=None, prompt_ids=reasoning.answer_ids(session))
+            items = await self.batcher.submit(job)
             outcome = "done"
             yield ReasoningDone(items=items, reasoning_tokens=len(session.generated),
                                 finish_reason=session.finish_reason)

@@ -319,8 +319,9 @@ class VLLMEngine(Engine):
             width = beam_widths([request.k], [request.num_beams], self.default_beams)[0]
             bias = request_bias(self.bundle.prior, self.bundle.trie, request.history, request.exclude,
                                 request.allow)
-            items = await self._topk(request.request_id, prompt_ids + generated + self._suffix_ids,
-                                     request.k, width, filt, bias)
+            answer_ids = self._encode(request.answer_prompt) if request.answer_prompt is not None \
+                else prompt_ids + generated + self._suffix_ids
+            items = await self._topk(request.request_id, answer_ids, request.k, width, filt, bias)
             yield ReasoningDone(items=items, reasoning_tokens=len(generated), finish_reason=finish_reason)
         except (GeneratorExit, asyncio.CancelledError):
             # The consumer went away (client disconnect): stop the generation in the engine now.

@@ -21,6 +21,7 @@ class WireRequest(BaseModel):
     allow: list[int] | None = None
     num_beams: int | None = None
     history: list[int] | None = None  # item indices, for the bundle's collaborative prior
+    answer_prompt: str | None = None  # reasoning: the prompt the items are decoded from (None: after the chain)
     max_reasoning_tokens: int | None = Field(None, ge=1)
     # The bundle version the gateway planned the request for: a worker serving another one refuses it
     # (409), so item indices never cross versions.
@@ -32,13 +33,15 @@ class WireRequest(BaseModel):
         return cls(request_id=request.request_id, prompt=request.prompt, k=request.k, model_version=model_version,
                    exclude=sorted(request.exclude), allow=None if request.allow is None else sorted(request.allow),
                    num_beams=request.num_beams, max_reasoning_tokens=max_reasoning_tokens,
-                   history=None if request.history is None else list(request.history))
+                   history=None if request.history is None else list(request.history),
+                   answer_prompt=request.answer_prompt)
 
     def engine_request(self) -> EngineRequest:
         return EngineRequest(request_id=self.request_id, prompt=self.prompt, k=self.k,
                              exclude=frozenset(self.exclude),
                              allow=None if self.allow is None else frozenset(self.allow), num_beams=self.num_beams,
-                             history=None if self.history is None else tuple(self.history))
+                             history=None if self.history is None else tuple(self.history),
+                             answer_prompt=self.answer_prompt)
 
 
 def items_from_wire(raw: Sequence[dict[str, Any]]) -> list[ScoredItem]:

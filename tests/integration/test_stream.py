@@ -80,6 +80,17 @@ async def test_stream_event_order_and_content(make_client: Any, gw_bundle: Any) 
         assert "gream_reasoning_tokens_count 1.0" in metrics
 
 
+async def test_stream_items_are_direct_modes_ranking(make_client: Any) -> None:
+    """By default (GREAM_REASONING_ANSWER=history) the stream's items are ranked from the history, as
+    direct mode ranks them: reasoning mode costs no accuracy, and the chain explains that ranking."""
+    async with make_client() as client:
+        body = {"history": HISTORY, "k": 5}
+        direct = (await client.post("/v1/recommendations", json=body)).json()
+        resp = await client.post("/v1/recommendations/stream", json={**body, "max_reasoning_tokens": 40})
+        items = next(data for kind, data in parse_sse(resp.text) if kind == "items")["items"]
+        assert [i["item_id"] for i in items] == [i["item_id"] for i in direct["items"]]
+
+
 async def test_stream_respects_filters_and_falls_back(make_client: Any) -> None:
     async with make_client() as client:
         allow = ["sku-1", "sku-2", "sku-3", "sku-4"]

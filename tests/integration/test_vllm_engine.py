@@ -174,6 +174,21 @@ async def test_reasoning_streams_deltas_then_items(engine: Any, bundle: Any) -> 
     assert engine.stats().extra.get("reasoning_active", 0) == 0
 
 
+async def test_reasoning_answer_from_the_direct_prompt(engine: Any, bundle: Any) -> None:
+    """With `answer_prompt` the items after the chain are the direct prompt's top-k."""
+    import dataclasses
+
+    from model_store.tokens import direct_prompt, reasoning_prompt
+    from service.engine.base import ReasoningDone
+
+    spelled = [bundle.spelled_id(i) for i in (4, 9, 17)]
+    direct = await engine.recommend(request("answer-direct", direct_prompt(spelled)))
+    req = dataclasses.replace(request("answer-think", reasoning_prompt(spelled)), answer_prompt=direct_prompt(spelled))
+    events = [ev async for ev in engine.reason(req, 24)]
+    assert isinstance(events[-1], ReasoningDone)
+    assert [s.index for s in events[-1].items] == [s.index for s in direct]
+
+
 async def test_chains_are_grounded_and_closed(engine: Any, bundle: Any) -> None:
     """The chain automaton through vLLM's logits processor: the tiny bundle's random-weight model
     still writes only faithful chains, closed within the budget."""
