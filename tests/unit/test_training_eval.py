@@ -113,3 +113,31 @@ def test_paired_bootstrap_interval_holds_the_difference() -> None:
     assert cmp["ci95_low"] > 0.04 and cmp["ci95_high"] < 0.06
     same = paired_bootstrap(better, better + rng.normal(0, 0.01, 2000), samples=500)
     assert same["ci95_low"] < 0 < same["ci95_high"]
+
+
+def test_report_tables_and_plot_keep_rows_apart(tmp_path) -> None:
+    """Rows measured on a subset go to their own table and never onto the plot; the served row and
+    the best baseline lead the plot."""
+    from training.eval_report import print_report
+    from training.plot import plot_report, plot_rows
+
+    m = {"HR@10": 0.1, "NDCG@10": 0.05}
+    report = {"split": "test", "rows": 100, "served": "served (+SRPO +prior, 10 beams, history excluded)",
+              "metrics": {"served (+SRPO +prior, 10 beams, history excluded)": m, "+SRPO (direct)": m,
+                          "+SRPO +prior (direct)": m, "+SRPO (reasoning)": {**m, "rows": 20},
+                          "+SRPO (direct, first 20 rows)": {**m, "rows": 20},
+                          "collaborative prior alone": m, "SASRec": m,
+                          "weighted transitions": {"HR@10": 0.12, "NDCG@10": 0.06}},
+              "served_vs_best_baseline": {"baseline": "weighted transitions", "mean": -0.01, "ci95_low": -0.02,
+                                          "ci95_high": 0.0, "samples": 10}}
+    lines: list[str] = []
+    print_report(report, log=lines.append)
+    main_table, subset_table = lines[1], lines[3]
+    assert "reasoning" not in main_table and "first 20 rows" not in main_table
+    assert "+SRPO (reasoning)" in subset_table and "first 20 rows" in subset_table
+    assert "served - weighted transitions" in lines[-1]
+    rows = plot_rows(report)
+    assert rows[0] == report["served"] and not any("rows" in report["metrics"][r] for r in rows)
+    assert "+SRPO +prior (direct)" not in rows
+    out = plot_report(report, tmp_path / "p.png")
+    assert out.read_bytes()[:4] == b"\x89PNG"
