@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from tests.support.chains import sample_chains
+from loadtests.chain_quality import sample_chains
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 

@@ -192,7 +192,7 @@ async def test_reasoning_answer_from_the_direct_prompt(engine: Any, bundle: Any)
 async def test_chains_are_grounded_and_closed(engine: Any, bundle: Any) -> None:
     """The chain automaton through vLLM's logits processor: the tiny bundle's random-weight model
     still writes only faithful chains, closed within the budget."""
-    from tests.support.chains import sample_chains
+    from loadtests.chain_quality import sample_chains
 
     report = await sample_chains(engine, bundle, n=40, budget=200, concurrency=8)
     assert report.valid_share >= 0.95, report.failures[:3]
