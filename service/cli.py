@@ -155,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--data-dir", default=None, help="where the synthetic data goes (default: OUT-data)")
     demo.add_argument("--items", type=int, default=1000)
     demo.add_argument("--users", type=int, default=3000)
-    demo.add_argument("--minutes", type=float, default=5.0, help="time budget of the whole build")
+    demo.add_argument("--minutes", type=float, default=2.5, help="time budget of the whole build")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--overwrite", action="store_true")
     demo.add_argument("--if-missing", action="store_true", help="do nothing when OUT already exists")

@@ -13,7 +13,7 @@ from training.demo_data import DemoConfig, write_demo_data
 
 
 def build_demo(out: str | Path, data_dir: str | Path | None = None, cfg: DemoConfig | None = None,
-               max_minutes: float = 5.0, log: Callable[[str], None] = print) -> tuple[Path, dict[str, Any]]:
+               max_minutes: float = 2.5, log: Callable[[str], None] = print) -> tuple[Path, dict[str, Any]]:
     from training.baselines import baseline_rows
     from training.data import InteractionData
     from training.evaluate import format_table
