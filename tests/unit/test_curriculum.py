@@ -121,7 +121,6 @@ def test_dense_sequential_examples_teach_every_history_item(bundle_and_sequences
 
 
 def test_sequence_windows_label_each_transition_once(bundle_and_sequences) -> None:
-    from collections import Counter
 
     from training.tasks import sequential_examples
 

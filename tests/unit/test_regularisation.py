@@ -32,6 +32,5 @@ def test_dropout_acts_in_training_only_and_is_removed(model) -> None:
     after = model(ids).logits  # hooks gone: training mode computes the plain model again
     model.eval()
     assert torch.allclose(after, reference)
-    with pytest.raises(ValueError, match="dropout"):
-        with residual_dropout(model, 1.0):
-            pass
+    with pytest.raises(ValueError, match="dropout"), residual_dropout(model, 1.0):
+        pass
