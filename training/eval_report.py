@@ -120,10 +120,18 @@ def _model_rows(bundle: Any, rows: Sequence[EvalRow], opts: EvalOptions, metrics
             log("no stage bundles recorded in this bundle's manifest; evaluating the bundle alone")
     if not targets_list:
         targets_list = [("model", bundle)]
+    loaded: dict[str, tuple[Any, Any]] = {}
+
+    def tokenizer_and_model(b: Any) -> tuple[Any, Any]:
+        # Without --with-stages the served row decodes the model the stage rows just loaded.
+        key = str(b.model_path)
+        if key not in loaded:
+            loaded[key] = (AutoTokenizer.from_pretrained(str(b.tokenizer_path)), load_bundle_model(b.model_path))
+        return loaded[key]
+
     for label, b in targets_list:
         t = time.perf_counter()
-        tokenizer = AutoTokenizer.from_pretrained(str(b.tokenizer_path))
-        model = load_bundle_model(b.model_path)
+        tokenizer, model = tokenizer_and_model(b)
         stage_modes = list(opts.modes) if (label != STAGE_LABELS["align"] or not opts.with_stages) else ["direct"]
         variants = [(label, None)] if opts.prior != "only" or b.prior is None else []
         if b.prior is not None and opts.prior != "off":
@@ -134,8 +142,7 @@ def _model_rows(bundle: Any, rows: Sequence[EvalRow], opts: EvalOptions, metrics
         timings[label] = time.perf_counter() - t
     # The served row: the bundle itself, as the gateway decodes it by default.
     t = time.perf_counter()
-    tokenizer = AutoTokenizer.from_pretrained(str(bundle.tokenizer_path))
-    model = load_bundle_model(bundle.model_path)
+    tokenizer, model = tokenizer_and_model(bundle)
     decoder = make_decoder(model, tokenizer, bundle.trie, tokens.id_token_ids(tokenizer, bundle.id_format))
     stage = bundle.manifest.get("stats", {}).get("training", {}).get("stages", [None])[-1]
     name = served_label(STAGE_LABELS.get(stage, "model"), opts.served_beams)
